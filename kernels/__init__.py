@@ -1,0 +1,1 @@
+"""Custom GPU kernels for the TiDAR doubled sequence (installed as `tidar_kernels`)."""

@@ -1,0 +1,1 @@
+"""TiDAR pretraining on Megatron-core."""

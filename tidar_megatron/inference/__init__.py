@@ -1,0 +1,1 @@
+"""TiDAR decoding on exported Hugging Face checkpoints, without Megatron."""

@@ -1,0 +1,198 @@
+"""The TiDAR sequence layout, defined once.
+
+A TiDAR sequence is a *clean* segment followed by *draft blocks* of mask tokens:
+
+    index:  0 .. C-1              C .. C+n_blocks*B-1
+            clean tokens          mask blocks, block j covering draft positions [s_j, e_j)
+
+Attention rule (`allowed(query, key)`):
+  * a clean token at position q sees the clean tokens at positions <= q (causal, the AR half);
+  * a mask token in the block that starts at draft position s sees the clean tokens at positions < s,
+    plus every token of its own block (bidirectional).  It never sees another block.
+Positions: clean index i carries position i; the r-th mask token of a block starting at s carries s + r.
+Targets: a clean token predicts the next clean token (AR); a mask token predicts the clean token at its
+own position (diffusion).
+
+Training ("full mask") uses C = L and blocks starting at 0, B, 2B, ... (the last one shorter when B does
+not divide L).  Decoding uses C = prefix + B (the verified prefix plus the pending block) and one block
+per possible acceptance length, starting at prefix + 1, ..., prefix + B.  Every derived form below (the
+dense masks, FlexAttention's mask_mod, the kernels' tile classes, the decoding mask) is computed from the
+three per-row arrays `clean_end`, `block_lo`, `block_hi`, so the rule is stated exactly once, in
+`allowed`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+# Tile classes for block-sparse kernels.
+TILE_SKIP, TILE_PARTIAL, TILE_FULL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class TiDARLayout:
+    clean_len: int
+    block_size: int
+    block_starts: tuple[int, ...]
+    block_ends: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.clean_len < 1 or self.block_size < 1:
+            raise ValueError(f"TiDAR layout needs clean_len >= 1 and block_size >= 1, "
+                             f"got clean_len={self.clean_len}, block_size={self.block_size}")
+        if len(self.block_starts) != len(self.block_ends):
+            raise ValueError("block_starts and block_ends must have the same length")
+        for s, e in zip(self.block_starts, self.block_ends):
+            if not (0 <= s < e and e - s <= self.block_size):
+                raise ValueError(f"invalid draft block [{s}, {e}) for block_size={self.block_size}")
+
+    @classmethod
+    def for_training(cls, clean_len: int, block_size: int) -> "TiDARLayout":
+        """The paper's full-mask layout: L clean tokens, then L mask tokens in ceil(L/B) blocks."""
+        starts = tuple(range(0, clean_len, block_size))
+        ends = tuple(min(s + block_size, clean_len) for s in starts)
+        return cls(clean_len, block_size, starts, ends)
+
+    @classmethod
+    def for_decoding(cls, prefix_len: int, block_size: int) -> "TiDARLayout":
+        """One decoding pass: the pending block (its first token verified, the rest drafts) at positions
+        [prefix, prefix+B) follows the cached prefix; the block for acceptance length a = 1..B starts at
+        prefix + a, i.e. right after the accepted part of the pending block."""
+        clean_len = prefix_len + block_size
+        starts = tuple(prefix_len + a for a in range(1, block_size + 1))
+        return cls(clean_len, block_size, starts, tuple(s + block_size for s in starts))
+
+    # --- sizes -------------------------------------------------------------------------------
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_starts)
+
+    @cached_property
+    def seq_len(self) -> int:
+        return self.clean_len + sum(e - s for s, e in zip(self.block_starts, self.block_ends))
+
+    # --- per-row arrays: the single description every derived form uses ----------------------
+    @cached_property
+    def _rows(self) -> dict[str, torch.Tensor]:
+        n, c = self.seq_len, self.clean_len
+        position = torch.empty(n, dtype=torch.long)
+        clean_end = torch.empty(n, dtype=torch.long)  # clean keys with index < clean_end are visible
+        block_lo = torch.zeros(n, dtype=torch.long)   # own block's index range [block_lo, block_hi)
+        block_hi = torch.zeros(n, dtype=torch.long)
+        position[:c] = torch.arange(c)
+        clean_end[:c] = torch.arange(1, c + 1)
+        i = c
+        for s, e in zip(self.block_starts, self.block_ends):
+            w = e - s
+            position[i:i + w] = torch.arange(s, e)
+            clean_end[i:i + w] = min(s, c)
+            block_lo[i:i + w], block_hi[i:i + w] = i, i + w
+            i += w
+        return {"position": position, "clean_end": clean_end, "block_lo": block_lo, "block_hi": block_hi}
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """[seq_len] RoPE positions: a mask token carries the position of the token it drafts."""
+        return self._rows["position"]
+
+    @property
+    def is_mask(self) -> torch.Tensor:
+        """[seq_len] bool, True for mask (draft) tokens."""
+        return torch.arange(self.seq_len) >= self.clean_len
+
+    @property
+    def row_ranges(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clean_end, block_lo, block_hi), each [seq_len] int64: the visible keys of row q are
+        [0, clean_end[q]) and [block_lo[q], block_hi[q]).  Kernels take these as inputs."""
+        r = self._rows
+        return r["clean_end"], r["block_lo"], r["block_hi"]
+
+    # --- the rule ----------------------------------------------------------------------------
+    def allowed(self, query, key):
+        """May `query` attend to `key`?  Works on ints and (broadcastable) index tensors."""
+        clean_end, block_lo, block_hi = self.row_ranges
+        if isinstance(query, torch.Tensor) and query.device != clean_end.device:
+            clean_end, block_lo, block_hi = (t.to(query.device) for t in (clean_end, block_lo, block_hi))
+        return (key < clean_end[query]) | ((key >= block_lo[query]) & (key < block_hi[query]))
+
+    # --- derived forms ---------------------------------------------------------------------------
+    def dense_mask(self, device=None) -> torch.Tensor:
+        """[seq_len, seq_len] bool, True = may attend (torch SDPA polarity)."""
+        idx = torch.arange(self.seq_len, device=device)
+        return self.allowed(idx[:, None], idx[None, :])
+
+    def megatron_mask(self, device=None) -> torch.Tensor:
+        """[1, 1, seq_len, seq_len] bool, True = masked out (Megatron / TransformerEngine polarity)."""
+        return ~self.dense_mask(device)[None, None]
+
+    def mask_mod(self, device=None):
+        """A FlexAttention mask_mod(b, h, q_idx, kv_idx) implementing `allowed`."""
+        clean_end, block_lo, block_hi = (t.to(device) for t in self.row_ranges)
+
+        def tidar_mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx < clean_end[q_idx]) | ((kv_idx >= block_lo[q_idx]) & (kv_idx < block_hi[q_idx]))
+
+        return tidar_mask_mod
+
+    def tile_classes(self, tile_q: int, tile_k: int, num_keys: int | None = None) -> torch.Tensor:
+        """[ceil(S/tile_q), ceil(K/tile_k)] int8 of TILE_SKIP / TILE_PARTIAL / TILE_FULL.
+
+        Exact, because each row's visible keys are two intervals: a tile is FULL when every row sees all
+        its keys, SKIP when no row sees any.  Rows and keys past the end (ragged last tiles) are ignored.
+        """
+        n, k = self.seq_len, num_keys or self.seq_len
+        clean_end, block_lo, block_hi = self.row_ranges
+        k0 = torch.arange(0, k, tile_k)
+        k1 = (k0 + tile_k).clamp(max=k)
+
+        def overlap(lo, hi):  # [rows, key tiles] keys of each key tile inside [lo, hi)
+            return (torch.minimum(hi[:, None], k1) - torch.maximum(lo[:, None], k0)).clamp(min=0)
+
+        seen = overlap(torch.zeros_like(clean_end), clean_end) + overlap(block_lo, block_hi)  # disjoint
+        width = (k1 - k0)[None, :]
+        num_q_tiles = -(-n // tile_q)
+        pad = num_q_tiles * tile_q - n
+        full_rows = torch.nn.functional.pad(seen == width, (0, 0, 0, pad), value=True)
+        empty_rows = torch.nn.functional.pad(seen == 0, (0, 0, 0, pad), value=True)
+        full = full_rows.view(num_q_tiles, tile_q, -1).all(1)
+        empty = empty_rows.view(num_q_tiles, tile_q, -1).all(1)
+        out = torch.full(full.shape, TILE_PARTIAL, dtype=torch.int8)
+        out[full] = TILE_FULL
+        out[empty] = TILE_SKIP
+        return out
+
+    def skipped_tile_fraction(self, tile_q: int, tile_k: int) -> float:
+        return (self.tile_classes(tile_q, tile_k) == TILE_SKIP).float().mean().item()
+
+    # --- training targets ------------------------------------------------------------------------
+    def training_inputs(self, tokens: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+        """[b, L] clean tokens -> [b, seq_len] input ids: the clean tokens, then the mask blocks."""
+        self._check_training(tokens)
+        masks = torch.full((tokens.shape[0], self.seq_len - self.clean_len), mask_token_id,
+                           dtype=tokens.dtype, device=tokens.device)
+        return torch.cat([tokens, masks], dim=1)
+
+    def training_targets(self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
+        """Targets and loss masks for the doubled sequence.
+
+        tokens [b, L] clean inputs; labels [b, L] the next token of each (Megatron's GPTDataset labels);
+        loss_mask [b, L] for the AR labels.  Returns (targets [b, 2L], ar_mask [b, 2L], diff_mask [b, 2L]):
+        the AR half predicts labels, a mask token at position p predicts tokens[p].  The diffusion target
+        tokens[p] is labels[p-1], so it counts exactly when that AR label counts (position 0 always does).
+        """
+        self._check_training(tokens)
+        pos = self.position_ids[self.clean_len:].to(tokens.device)
+        targets = torch.cat([labels, tokens[:, pos]], dim=1)
+        first = torch.ones_like(loss_mask[:, :1])
+        diff_weight = torch.cat([first, loss_mask[:, :-1]], dim=1)[:, pos]
+        zeros = torch.zeros_like(loss_mask)
+        ar_mask = torch.cat([loss_mask, torch.zeros_like(diff_weight)], dim=1)
+        diff_mask = torch.cat([zeros, diff_weight], dim=1)
+        return targets, ar_mask, diff_mask
+
+    def _check_training(self, tokens: torch.Tensor):
+        if tokens.shape[-1] != self.clean_len:
+            raise ValueError(f"expected {self.clean_len} clean tokens per sample, got {tokens.shape[-1]}")
