@@ -1,0 +1,151 @@
+"""The TiDAR attention kernel against SDPA with the layout's dense mask.
+
+Without a GPU the kernels run in Triton's CPU interpreter, which only works when TRITON_INTERPRET=1 is set
+before triton is first imported; in a shared pytest process something (megatron.core) has usually imported
+it already.  So `test_kernels_in_interpreter` re-runs this module in a fresh interpreter-mode subprocess and
+the kernel tests here skip; on a GPU, or when pytest itself was started with TRITON_INTERPRET=1, they run
+in-process.  Interpreter shapes are small (head dims 16 / 32, tiles of 16); head dims 64 / 128 are covered
+by the GPU tests.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tidar_kernels.tidar_attention import tidar_attention
+from tidar_kernels.tidar_attention_triton import interpreter_active
+from tidar_megatron.layout import TiDARLayout
+
+HAS_CUDA = torch.cuda.is_available()
+KERNELS_RUN_HERE = HAS_CUDA or interpreter_active()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_kernels = pytest.mark.skipif(not KERNELS_RUN_HERE,
+                                   reason="no GPU: runs in the interpreter subprocess of test_kernels_in_interpreter")
+
+
+@pytest.mark.skipif(KERNELS_RUN_HERE, reason="kernels run in this process")
+def test_kernels_in_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout, result.stdout[-3000:]
+
+
+def reference_attention(q, k, v, layout, q_offset=0, softmax_scale=None):
+    """SDPA with the layout's dense mask (True = keep), KV heads repeated for GQA; [b, s, h, d] in and out."""
+    group = q.shape[2] // k.shape[2]
+    k, v = (x.repeat_interleave(group, dim=2) for x in (k, v))
+    mask = layout.dense_mask(q.device)[q_offset:]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+def max_relative_error(actual, expected):
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def norm_relative_error(actual, expected):
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def random_qkv(batch, num_queries, seq_len, q_heads, kv_heads, head_dim, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(rows, heads):
+        x = torch.randn(batch, rows, heads, head_dim, generator=generator)
+        return x.to(device=DEVICE, dtype=dtype).requires_grad_()
+
+    return make(num_queries, q_heads), make(seq_len, kv_heads), make(seq_len, kv_heads)
+
+
+def compare_with_reference(layout, q, k, v, q_offset=0, softmax_scale=None, error=max_relative_error):
+    """Errors of the output and of dQ, dK, dV against the reference, for the same upstream gradient."""
+    out = tidar_attention(q, k, v, layout, softmax_scale=softmax_scale, q_offset=q_offset)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    reference_inputs = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    expected = reference_attention(*reference_inputs, layout, q_offset, softmax_scale)
+    expected_grads = torch.autograd.grad(expected, reference_inputs, grad_out.float())
+    names = ("out", "dq", "dk", "dv")
+    return {n: error(a, e) for n, a, e in zip(names, (out, *grads), (expected, *expected_grads))}
+
+
+# (clean_len, block_size, q_heads, kv_heads, head_dim): seq_len = 2 * clean_len; 42 and 40 are not multiples
+# of the 16-row tiles, 21 / 4 leaves a short last block, 24 / 16 a block wider than half the sequence.
+TRAINING_CASES = [
+    (24, 4, 4, 2, 16),
+    (20, 4, 2, 2, 32),
+    (21, 4, 6, 2, 16),
+    (24, 16, 2, 1, 32),
+    (40, 16, 4, 4, 16),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("clean_len,block_size,q_heads,kv_heads,head_dim", TRAINING_CASES)
+def test_training_layout_matches_sdpa(clean_len, block_size, q_heads, kv_heads, head_dim):
+    layout = TiDARLayout.for_training(clean_len, block_size)
+    q, k, v = random_qkv(2, layout.seq_len, layout.seq_len, q_heads, kv_heads, head_dim)
+    errors = compare_with_reference(layout, q, k, v)
+    assert max(errors.values()) <= 1e-4, errors
+
+
+@needs_kernels
+def test_strided_megatron_inputs_and_custom_scale():
+    """[s, b, h, d] tensors passed as transposed views (no copy), a non-default softmax scale."""
+    layout = TiDARLayout.for_training(24, 8)
+    q, k, v = (x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+               for x in random_qkv(2, 48, 48, 4, 2, 16, seed=1))
+    assert q.stride(1) != q.shape[2] * q.shape[3]
+    errors = compare_with_reference(layout, q, k, v, softmax_scale=0.3)
+    assert max(errors.values()) <= 1e-4, errors
+
+
+@needs_kernels
+@pytest.mark.parametrize("prefix_len,block_size", [(20, 4), (7, 3)])
+def test_decoding_layout_matches_sdpa(prefix_len, block_size):
+    """Queries are the rows after the cached prefix (q_offset = prefix_len; 7 is not tile aligned)."""
+    layout = TiDARLayout.for_decoding(prefix_len, block_size)
+    q, k, v = random_qkv(2, layout.seq_len - prefix_len, layout.seq_len, 4, 2, 16, seed=2)
+    errors = compare_with_reference(layout, q, k, v, q_offset=prefix_len)
+    assert max(errors.values()) <= 1e-4, errors
+
+
+@pytest.mark.parametrize("q_shape,kv_shape,message", [
+    ((1, 48, 2, 24), (1, 48, 2, 24), "power of two"),
+    ((1, 48, 2, 512), (1, 48, 2, 512), "power of two"),
+    ((1, 48, 3, 16), (1, 48, 2, 16), "multiple of kv_heads"),
+    ((1, 40, 2, 16), (1, 40, 2, 16), "do not match the layout"),
+])
+def test_unsupported_shapes_raise(q_shape, kv_shape, message):
+    layout = TiDARLayout.for_training(24, 4)
+    q, k = torch.zeros(q_shape), torch.zeros(kv_shape)
+    with pytest.raises(ValueError, match=message):
+        tidar_attention(q, k, k, layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("clean_len,block_size,q_heads,kv_heads,head_dim", [
+    (512, 16, 12, 2, 128), (300, 16, 8, 8, 64), (256, 8, 32, 8, 128)])
+def test_half_precision_on_gpu(dtype, clean_len, block_size, q_heads, kv_heads, head_dim):
+    layout = TiDARLayout.for_training(clean_len, block_size)
+    q, k, v = random_qkv(2, layout.seq_len, layout.seq_len, q_heads, kv_heads, head_dim, dtype=dtype)
+    errors = compare_with_reference(layout, q, k, v, error=norm_relative_error)
+    assert max(errors.values()) <= 1e-2, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_decoding_bf16_on_gpu():
+    layout = TiDARLayout.for_decoding(1000, 16)
+    q, k, v = random_qkv(1, layout.seq_len - 1000, layout.seq_len, 12, 2, 128, dtype=torch.bfloat16)
+    errors = compare_with_reference(layout, q, k, v, q_offset=1000, error=norm_relative_error)
+    assert max(errors.values()) <= 1e-2, errors

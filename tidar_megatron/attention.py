@@ -1,0 +1,167 @@
+"""Attention backends for the TiDAR layout, plugged into Megatron-core through the layer spec.
+
+    local   Megatron's DotProductAttention with AttnMaskType.arbitrary and the layout's dense mask
+            (a `causal` spec would silently ignore the mask).  O(S^2) memory; the reference backend.
+    flex    torch FlexAttention with a BlockMask from the layout's mask_mod (compiled on GPU; on CPU it
+            has a forward only).
+    te      TransformerEngine: the layout's mask as a post-scale bias with `no_mask`, the route that keeps
+            cuDNN FusedAttention eligible (TE's `arbitrary` mask always falls back to unfused attention).
+    kernel  our Triton block-sparse kernel (tidar_kernels), which skips fully masked tiles.
+
+Every backend takes its mask from `TiDARLayout`; `local` and `te` receive it from the model, `flex` and
+`kernel` build it from the sequence length they see (the training layout for S = 2L).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.utils import divide
+
+from .layout import TiDARLayout
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=8)
+def training_layout(seq_len: int, block_size: int) -> TiDARLayout:
+    if seq_len % 2:
+        raise ValueError(f"a TiDAR training sequence has even length 2L, got {seq_len}")
+    return TiDARLayout.for_training(seq_len // 2, block_size)
+
+
+class _LayoutAttention(MegatronModule):
+    """Core attention that derives the TiDAR mask itself.  Megatron calls it with q [s, b, np, hn] and
+    k, v [s, b, ng, hn] (heads of this TP rank) and expects [s, b, np * hn]."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, draft_block_size: int = 16):
+        super().__init__(config=config)
+        tp = pg_collection.tp.size() if pg_collection is not None else 1
+        self.heads = divide(config.num_attention_heads, tp)
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        self.draft_block_size = draft_block_size
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None:
+            raise NotImplementedError("packed sequences are not supported by the TiDAR attention backends")
+        layout = training_layout(query.shape[0], self.draft_block_size)
+        out = self.attend(query, key, value, layout)  # [s, b, np, hn]
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+class FlexTiDARAttention(_LayoutAttention):
+    def attend(self, query, key, value, layout):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+        out = fn(q, k, v, block_mask=_block_mask(layout, q.device), scale=self.softmax_scale,
+                 enable_gqa=k.shape[1] != q.shape[1])
+        return out.permute(2, 0, 1, 3)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _block_mask(layout: TiDARLayout, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(layout.mask_mod(device), None, None, layout.seq_len, layout.seq_len,
+                             device=device)
+
+
+class KernelTiDARAttention(_LayoutAttention):
+    def attend(self, query, key, value, layout):
+        from tidar_kernels.tidar_attention import tidar_attention
+
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, h, d]
+        out = tidar_attention(q, k, v, layout, softmax_scale=self.softmax_scale)
+        return out.transpose(0, 1)
+
+
+def check_backend_available(backend: str, on_gpu: bool):
+    """Fail at start-up, with the fix, when a requested backend cannot run here."""
+    if backend == "te":
+        try:
+            import transformer_engine.pytorch  # noqa: F401
+        except Exception as e:  # TE raises OSError/ImportError variants when its CUDA libs are missing
+            raise BackendUnavailable("model.attention_backend=te needs TransformerEngine "
+                                     f"(pip install '.[te]' on a CUDA machine): {e}") from None
+        if not on_gpu:
+            raise BackendUnavailable("model.attention_backend=te needs a CUDA device; use local on CPU")
+    if backend == "flex":
+        try:
+            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        except ImportError as e:
+            raise BackendUnavailable(f"model.attention_backend=flex needs torch >= 2.5: {e}") from None
+    if backend == "kernel":
+        try:
+            import tidar_kernels.tidar_attention  # noqa: F401
+        except ImportError as e:
+            raise BackendUnavailable(f"model.attention_backend=kernel: tidar_kernels not importable ({e}); "
+                                     "reinstall the package with pip install -e .") from None
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def apex_available() -> bool:
+    try:
+        import apex.normalization  # noqa: F401  (NVIDIA apex from a cluster image, never the PyPI "apex")
+    except Exception:
+        return False
+    return True
+
+
+def layer_spec(backend: str, draft_block_size: int, qk_layernorm: bool, normalization: str) -> ModuleSpec:
+    """The GPT layer spec with TiDAR attention swapped in (the rest of the layer is Megatron's).
+
+    With TransformerEngine on a GPU the layer is TE's (fused norm+linear, needed for sequence parallelism
+    without apex) whatever the attention backend; otherwise Megatron's local layer."""
+    if backend == "te" or te_available():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
+    spec = copy.deepcopy(spec)
+    attn = spec.submodules.self_attention
+    if backend == "local":
+        attn.params["attn_mask_type"] = AttnMaskType.arbitrary
+    elif backend == "te":
+        attn.params["attn_mask_type"] = AttnMaskType.no_mask  # the mask travels as attention_bias
+    else:
+        module = {"flex": FlexTiDARAttention, "kernel": KernelTiDARAttention}[backend]
+        attn.params["attn_mask_type"] = AttnMaskType.no_mask
+        attn.submodules.core_attention = ModuleSpec(module=module, params={"draft_block_size": draft_block_size})
+    return spec
+
+
+def te_attention_bias(layout: TiDARLayout, dtype: torch.dtype, device) -> torch.Tensor:
+    """[1, 1, S, S] post-scale bias: 0 where allowed, a large negative number elsewhere (TE's own recipe in
+    docs/examples/attention/arbitrary_mask_to_post_scale_bias.py)."""
+    neg = -(2.0 ** 50) if dtype == torch.bfloat16 else -(2.0 ** 15)
+    keep = layout.dense_mask(device)[None, None]
+    return torch.where(keep, 0.0, neg).to(dtype)

@@ -1,0 +1,209 @@
+"""Input discovery and reading for tokenizer training and corpus tokenization.
+
+An input is a JSONL file (one JSON object per line, the text under a configurable key) or any other file,
+which is one document (source files, plain text).  gzip (.gz) and zstd (.zst/.zstd) are decompressed on the
+fly.  Work is cut into `Chunk`s whose boundaries depend only on the inputs, so a rerun after a crash plans
+exactly the same chunks and can reuse the ones already finished.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
+COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd"}
+
+
+class InputError(Exception):
+    """A problem with the inputs that stops the run (missing file, missing optional dependency)."""
+
+
+@dataclass(frozen=True)
+class DocError:
+    """A bad document.  For a JSONL chunk cut mid-file `line` counts from the chunk's start; the caller
+    adds the lines of the earlier chunks of that file."""
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A unit of work: a byte range [start, end) of one uncompressed JSONL file (end=-1: to the end), or a
+    run of whole files each of which is one document (or whole compressed JSONL files)."""
+    paths: tuple[str, ...]
+    start: int = 0
+    end: int = -1
+    disk_bytes: int = 0
+    stamps: tuple[tuple[int, int], ...] = field(default=())  # (size, mtime_ns) per path, for resume
+
+    def describe(self) -> str:
+        return f"{self.paths[0]}[{self.start}:{self.end}]" if len(self.paths) == 1 else \
+            f"{self.paths[0]} .. {self.paths[-1]} ({len(self.paths)} files)"
+
+
+def _suffixes(path: str) -> tuple[str, str]:
+    """(format suffix, compression suffix) e.g. ('.jsonl', '.gz')."""
+    p = Path(path)
+    comp = p.suffix.lower() if p.suffix.lower() in COMPRESSED_SUFFIXES else ""
+    fmt = Path(p.stem).suffix.lower() if comp else p.suffix.lower()
+    return fmt, comp
+
+
+def is_jsonl(path: str) -> bool:
+    return _suffixes(path)[0] in JSONL_SUFFIXES
+
+
+def open_binary(path: str):
+    comp = _suffixes(path)[1]
+    if comp == ".gz":
+        return gzip.open(path, "rb")
+    if comp in (".zst", ".zstd"):
+        try:
+            import zstandard
+        except ImportError:
+            raise InputError(f"{path}: zstd input needs the 'zstandard' package; "
+                             f"install it with pip install 'tidar_megatron[zstd]'") from None
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def find_inputs(paths: list[str], glob: str = "**/*") -> list[str]:
+    """Expand files and directories (recursively, with `glob`) into a sorted, de-duplicated file list."""
+    found: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            matches = sorted(str(f) for f in Path(p).glob(glob) if f.is_file())
+            if not matches:
+                raise InputError(f"{p}: no files match --glob '{glob}'")
+            found.extend(matches)
+        elif os.path.isfile(p):
+            found.append(p)
+        else:
+            raise InputError(f"{p}: input not found; check the path")
+    return list(dict.fromkeys(found))
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def plan_chunks(files: list[str], chunk_bytes: int) -> list[Chunk]:
+    """Cut uncompressed JSONL at line starts every ~chunk_bytes; pack consecutive one-document files into
+    chunks of ~chunk_bytes; a compressed JSONL file cannot be seeked, so it is one chunk."""
+    chunks: list[Chunk] = []
+    group: list[str] = []
+    group_bytes = 0
+
+    def flush():
+        nonlocal group, group_bytes
+        if group:
+            chunks.append(Chunk(tuple(group), disk_bytes=group_bytes, stamps=tuple(map(_stamp, group))))
+            group, group_bytes = [], 0
+
+    for path in files:
+        size = os.path.getsize(path)
+        if not is_jsonl(path):
+            group.append(path)
+            group_bytes += size
+            if group_bytes >= chunk_bytes:
+                flush()
+            continue
+        flush()
+        if _suffixes(path)[1]:
+            chunks.append(Chunk((path,), disk_bytes=size, stamps=(_stamp(path),)))
+            continue
+        with open(path, "rb") as f:
+            start = 0
+            while start < size:
+                f.seek(min(start + chunk_bytes, size))
+                f.readline()  # move the cut to the next line start
+                end = min(f.tell(), size)
+                chunks.append(Chunk((path,), start, end, end - start, (_stamp(path),)))
+                start = end
+    flush()
+    return chunks
+
+
+def _file_doc(path: str, raw: bytes) -> str | DocError:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return DocError(path, raw.count(b"\n", 0, e.start) + 1, f"invalid UTF-8 at byte {e.start}")
+    return text if text else DocError(path, 1, "empty document")
+
+
+def _jsonl_docs(path: str, lines: Iterator[bytes], text_key: str):
+    for n, raw in enumerate(lines, 1):
+        yield len(raw), _parse_json_line(path, raw, n, text_key)
+
+
+def _parse_json_line(path: str, raw: bytes, n: int, text_key: str) -> str | DocError:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return DocError(path, n, f"invalid UTF-8 at byte {e.start} of the line")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return DocError(path, n, f"malformed JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict) or text_key not in obj:
+        return DocError(path, n, f"missing key '{text_key}' (set --text-key)")
+    text = obj[text_key]
+    if not isinstance(text, str):
+        return DocError(path, n, f"key '{text_key}' holds {type(text).__name__}, not a string")
+    try:
+        text.encode("utf-8")  # JSON escapes can smuggle in lone surrogates
+    except UnicodeEncodeError:
+        return DocError(path, n, "text holds a lone surrogate (not valid Unicode)")
+    return text if text else DocError(path, n, "empty document")
+
+
+def read_chunk(chunk: Chunk, text_key: str = "text") -> Iterator[tuple[int, str | DocError]]:
+    """Yield (input bytes consumed, the document's text or a DocError), in input order."""
+    if len(chunk.paths) == 1 and is_jsonl(chunk.paths[0]):
+        path = chunk.paths[0]
+        with open_binary(path) as f:
+            if chunk.end < 0:
+                yield from _jsonl_docs(path, f, text_key)
+                return
+            f.seek(chunk.start)
+            remaining = chunk.end - chunk.start
+
+            def lines():
+                nonlocal remaining
+                while remaining > 0:
+                    raw = f.readline()
+                    if not raw:
+                        return
+                    remaining -= len(raw)
+                    yield raw
+            yield from _jsonl_docs(path, lines(), text_key)
+        return
+    for path in chunk.paths:
+        with open_binary(path) as f:
+            raw = f.read()
+        yield len(raw), _file_doc(path, raw)
+
+
+def iter_texts(files: list[str], text_key: str = "text", max_bytes_per_file: int | None = None):
+    """Valid documents of `files` in order (bad ones silently dropped), at most ~max_bytes_per_file each:
+    the sample a tokenizer is trained on."""
+    for path in files:
+        taken = 0
+        for nbytes, doc in read_chunk(Chunk((path,)), text_key):
+            if isinstance(doc, str):
+                yield doc
+                taken += nbytes
+                if max_bytes_per_file is not None and taken >= max_bytes_per_file:
+                    break

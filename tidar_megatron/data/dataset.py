@@ -1,0 +1,136 @@
+"""TiDAR training batches from megatron-core's datasets.
+
+The dataset stays Megatron's plain LM dataset (`GPTDataset` under `BlendedMegatronDatasetBuilder`: blends,
+splits, seeded shuffling, documents packed with EOD between them); the doubled TiDAR sequence is built per
+micro-batch from the clean tokens by `TiDARLayout` alone.  Every rank builds its own batches, so TP ranks
+(same data-parallel rank) get identical ones without extending Megatron's broadcast key set.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from tidar_megatron.layout import TiDARLayout
+
+
+@dataclass
+class TokenIds:
+    """What Megatron's dataset config needs of a tokenizer, when only the ids are known."""
+    eod: int
+    vocab_size: int
+    unique_identifiers: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.unique_identifiers = {"class": "TokenIds", "eod": self.eod, "vocab_size": self.vocab_size}
+
+
+def parse_blend(blend: list[str] | tuple[list[str], list[float] | None]):
+    """Megatron's flat form [weight, prefix, weight, prefix, ...] or [prefix, ...] -> (prefixes, weights)."""
+    if isinstance(blend, tuple):
+        return blend
+    from megatron.core.datasets.utils import get_blend_from_list
+    return get_blend_from_list(list(blend))
+
+
+def build_gpt_datasets(blend, split: str, sequence_length: int, seed: int, tokenizer,
+                       num_samples: list[int | None], cache_dir: str | None = None,
+                       eod_mask_loss: bool = False):
+    """[train, valid, test] `GPTDataset`s (or `BlendedDataset`s) of clean samples: dicts of tokens [L],
+    labels [L] (next tokens), loss_mask [L], position_ids [L].
+
+    `tokenizer` needs `eod`, `vocab_size`, `unique_identifiers` (our `Tokenizer`, or `TokenIds`).
+    `num_samples` are the samples each split must provide (None: one epoch); `cache_dir` holds the
+    shuffle/sample index files, which are keyed by the config, so two builds with the same seed agree.
+    Call on every rank: Megatron's builder synchronises ranks when torch.distributed is initialised.
+    """
+    with warnings.catch_warnings():  # megatron.core warns about missing TE/Apex on import
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    prefixes, weights = parse_blend(blend)
+    for p in prefixes:
+        if not (os.path.exists(f"{p}.idx") and os.path.exists(f"{p}.bin")):
+            raise FileNotFoundError(f"data prefix {p}: {p}.bin/.idx not found; create them with tidar-tokenize")
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=sequence_length, blend=(list(prefixes), weights), split=split,
+        path_to_cache=cache_dir, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=eod_mask_loss, create_attention_mask=False,  # TiDAR's mask comes from the layout
+        mid_level_dataset_surplus=0.005)
+    return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+
+
+def tidar_batch(batch: dict, layout: TiDARLayout, mask_token_id: int) -> dict:
+    """Collated clean batch (tokens, labels, loss_mask: [b, L]) -> the TiDAR batch, all [b, 2L]:
+    input_ids, position_ids, labels (AR then diffusion targets), ar_loss_mask, diffusion_loss_mask."""
+    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    targets, ar_mask, diff_mask = layout.training_targets(tokens, labels, loss_mask)
+    return {"input_ids": layout.training_inputs(tokens, mask_token_id),
+            "position_ids": layout.position_ids.expand(tokens.shape[0], -1),
+            "labels": targets, "ar_loss_mask": ar_mask, "diffusion_loss_mask": diff_mask}
+
+
+class ResumableBatchSampler:
+    """Megatron's pretraining order: global batch g holds samples [g*mb*dp, (g+1)*mb*dp); data-parallel
+    rank r takes its slice of micro_batch_size.  Starts at `consumed_samples` (counted over all ranks)."""
+
+    def __init__(self, total_samples: int, micro_batch_size: int, consumed_samples: int = 0,
+                 dp_rank: int = 0, dp_size: int = 1):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} not in [0, dp_size={dp_size})")
+        self.total, self.mb, self.consumed = total_samples, micro_batch_size, consumed_samples
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __iter__(self):
+        step = self.mb * self.dp_size
+        for start in range(self.consumed, self.total - step + 1, step):  # drop the last partial batch
+            first = start + self.dp_rank * self.mb
+            yield list(range(first, first + self.mb))
+
+    def __len__(self) -> int:
+        return max(0, (self.total - self.consumed) // (self.mb * self.dp_size))
+
+
+class TiDARBatches:
+    """Iterator of TiDAR micro-batches whose position is training state.
+
+    `state_dict()` is {"consumed_samples": n} (all data-parallel ranks together, as in Megatron); a new
+    `TiDARBatches(..., consumed_samples=n)` or `load_state_dict` continues with the next unseen sample.
+    Prefetching workers do not disturb the count: it advances only when a batch is handed out.
+    """
+
+    def __init__(self, dataset, micro_batch_size: int, block_size: int, mask_token_id: int,
+                 consumed_samples: int = 0, dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0):
+        self.dataset, self.mb, self.mask_token_id = dataset, micro_batch_size, mask_token_id
+        self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
+        self.consumed_samples = consumed_samples
+        self._block_size = block_size
+        self._layout: TiDARLayout | None = None
+        self._it = None
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            sampler = ResumableBatchSampler(len(self.dataset), self.mb, self.consumed_samples,
+                                            self.dp_rank, self.dp_size)
+            loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                                collate_fn=default_collate)
+            self._it = iter(loader)
+        batch = next(self._it)
+        self.consumed_samples += self.mb * self.dp_size
+        if self._layout is None:  # the sequence length is known once a sample is seen
+            self._layout = TiDARLayout.for_training(batch["tokens"].shape[1], self._block_size)
+        return tidar_batch(batch, self._layout, self.mask_token_id)

@@ -1,0 +1,309 @@
+"""Tokenize JSONL / text / source trees into Megatron `<prefix>.bin` / `<prefix>.idx`.
+
+Each chunk of input (see `corpus.plan_chunks`) becomes one shard, written by a worker process straight to
+disk (no token ids travel between processes), then the shards are merged in input order with
+`IndexedDatasetBuilder.add_index`.  Every file is written under a temporary name and renamed when complete;
+a shard counts as finished only once its summary `.json` exists, so a killed run, rerun with the same
+arguments, redoes only the unfinished shards and produces the same output as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tidar_megatron.data.corpus import Chunk, DocError, InputError, find_inputs, is_jsonl, plan_chunks, \
+    read_chunk
+from tidar_megatron.data.tokenizer import MASK_TOKEN, Tokenizer, TokenizerError
+
+MAX_ERRORS_KEPT = 100  # per shard; all are counted
+_PROGRESS_EVERY_DOCS = 256
+
+# Per-worker state, set by _init_worker (one tokenizer per process, loaded once).
+_worker: dict = {}
+
+
+class FatalDocumentError(Exception):
+    pass
+
+
+def _megatron_indexed():
+    """megatron.core's indexed_dataset module, imported without its start-up warnings (TE/Apex missing,
+    no rank known) that would bury the progress line; importing megatron.core takes seconds."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets import indexed_dataset
+    warnings.filterwarnings("ignore", message="Could not determine rank")
+    return indexed_dataset
+
+
+def _init_worker(tokenizer_path, mask_token, text_key, on_error, counters):
+    DType = _megatron_indexed().DType
+    tok = Tokenizer(tokenizer_path, mask_token)
+    _worker.update(tok=tok, text_key=text_key, on_error=on_error, counters=counters,
+                   dtype=DType.optimal_dtype(tok.vocab_size))
+
+
+def _bump(counters, docs, tokens, text_bytes, disk_bytes):
+    if counters is not None:
+        with counters.get_lock():
+            for i, v in enumerate((docs, tokens, text_bytes, disk_bytes)):
+                counters[i] += v
+
+
+def _tokenize_chunk(job: tuple[int, Chunk, str]) -> dict:
+    """Write one shard; return its summary (also stored as the shard's completion marker)."""
+    IndexedDatasetBuilder = _megatron_indexed().IndexedDatasetBuilder
+    index, chunk, prefix = job
+    tok, counters, dtype = _worker["tok"], _worker["counters"], _worker["dtype"]
+    eod = tok.eod_id
+    stats = {"index": index, "docs": 0, "tokens": 0, "text_bytes": 0, "lines": 0, "error_count": 0,
+             "errors": [], "relative_lines": len(chunk.paths) == 1 and is_jsonl(chunk.paths[0])}
+    tmp_bin, tmp_idx = f"{prefix}.bin.tmp", f"{prefix}.idx.tmp"
+    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    pending = [0, 0, 0]  # docs, tokens, bytes not yet reported to the progress counters
+    try:
+        for nbytes, doc in read_chunk(chunk, _worker["text_key"]):
+            stats["lines"] += 1
+            stats["text_bytes"] += nbytes
+            pending[2] += nbytes
+            if isinstance(doc, DocError):
+                if _worker["on_error"] == "fail":
+                    return {**stats, "failed": [doc.path, doc.line, doc.reason]}
+                stats["error_count"] += 1
+                if len(stats["errors"]) < MAX_ERRORS_KEPT:
+                    stats["errors"].append([doc.path, doc.line, doc.reason])
+                continue
+            ids = tok.encode(doc)
+            ids.append(eod)
+            builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+            stats["docs"] += 1
+            stats["tokens"] += len(ids)
+            pending[0] += 1
+            pending[1] += len(ids)
+            if pending[0] >= _PROGRESS_EVERY_DOCS:
+                _bump(counters, *pending, pending[2])
+                pending = [0, 0, 0]
+        builder.finalize(tmp_idx)
+        os.replace(tmp_bin, f"{prefix}.bin")
+        os.replace(tmp_idx, f"{prefix}.idx")
+        _write_json_atomic(f"{prefix}.json", stats)  # the completion marker: written last
+        _bump(counters, *pending, pending[2])
+        return stats
+    finally:
+        builder.data_file.close()
+        for tmp in (tmp_bin, tmp_idx):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _shard_names(chunks: list[Chunk], tok: Tokenizer, text_key: str) -> list[str]:
+    """Names that change whenever the shard's content could: the chunk, its files' size/mtime, the
+    tokenizer's content and the text key."""
+    names = []
+    for i, c in enumerate(chunks):
+        key = json.dumps([c.paths, c.start, c.end, c.stamps, tok.fingerprint, text_key])
+        names.append(f"{i:06d}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+    return names
+
+
+class _Progress:
+    """One status line on stderr: documents, tokens/s, MB/s, ETA (by input bytes)."""
+
+    def __init__(self, counters, total_disk_bytes: int, enabled: bool, interval: float):
+        self.counters, self.total, self.enabled, self.interval = counters, total_disk_bytes, enabled, interval
+        self.start = self.last = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, force: bool = False):
+        now = time.time()
+        if not self.enabled or (not force and now - self.last < self.interval):
+            return
+        self.last = now
+        docs, tokens, text_bytes, disk_bytes = self.counters[:]
+        dt = max(now - self.start, 1e-9)
+        frac = disk_bytes / self.total if self.total else 1.0
+        eta = dt * (1 - frac) / frac if frac > 0 else float("nan")
+        line = (f"{int(docs):,} docs | {tokens / dt:,.0f} tok/s | {text_bytes / dt / 1e6:.1f} MB/s | "
+                f"{100 * frac:.1f}% | ETA {eta:.0f}s")
+        print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def tokenize_corpus(inputs: list[str], output_prefix: str, tokenizer: str, *, text_key: str = "text",
+                    glob: str = "**/*", workers: int | None = None, chunk_mb: float = 256,
+                    on_error: str = "skip", mask_token: str = MASK_TOKEN, overwrite: bool = False,
+                    keep_shards: bool = False, progress: bool = True, log_interval: float = 2.0,
+                    max_errors_shown: int = 20) -> dict:
+    """Tokenize `inputs` into `output_prefix`.bin/.idx; return the summary.  Raises InputError,
+    TokenizerError or FatalDocumentError with a one-line message."""
+    DType, IndexedDatasetBuilder = _megatron_indexed().DType, _megatron_indexed().IndexedDatasetBuilder
+    if on_error not in ("skip", "fail"):
+        raise InputError(f"--on-error must be 'skip' or 'fail', got {on_error!r}")
+    t0 = time.time()
+    tok = Tokenizer(tokenizer, mask_token)
+    files = find_inputs(inputs, glob)
+    out_bin, out_idx = f"{output_prefix}.bin", f"{output_prefix}.idx"
+    if os.path.exists(out_idx) and not overwrite:
+        raise InputError(f"{out_idx}: output exists; pass --overwrite or choose another --output-prefix")
+    chunks = plan_chunks(files, int(chunk_mb * (1 << 20)))
+    shard_dir = Path(f"{output_prefix}.shards")
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    names = _shard_names(chunks, tok, text_key)
+    wanted = set(names)
+    for f in shard_dir.iterdir():  # shards of another plan (changed inputs/tokenizer) or torn writes
+        if f.name.split(".")[0] not in wanted or f.name.endswith(".tmp"):
+            f.unlink()
+    prefixes = [str(shard_dir / n) for n in names]
+    done = {i: json.loads(Path(f"{p}.json").read_text()) for i, p in enumerate(prefixes)
+            if os.path.exists(f"{p}.json")}
+    todo = [(i, chunks[i], prefixes[i]) for i in range(len(chunks)) if i not in done]
+
+    counters = mp.get_context("fork").Array("d", 4)
+    prog = _Progress(counters, sum(c.disk_bytes for _, c, _ in todo) or 1,
+                     progress, log_interval)
+    init_args = (tokenizer, mask_token, text_key, on_error, counters)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    results = dict(done)
+    line_offset: dict[str, int] = {}
+    shown = [0]
+
+    def report(i: int, stats: dict):
+        """Consume shard i's result in input order, so a JSONL chunk's line offset is known."""
+        results[i] = stats
+        path = chunks[i].paths[0]
+        offset = line_offset.get(path, 0) if stats["relative_lines"] else 0
+        if "failed" in stats:
+            p, line, reason = stats["failed"]
+            raise FatalDocumentError(f"{p}:{line + offset}: {reason} (--on-error fail)")
+        for p, line, reason in stats["errors"]:
+            if shown[0] < max_errors_shown:
+                print(f"skipped {p}:{line + offset}: {reason}", file=sys.stderr)
+            shown[0] += 1
+        if stats["relative_lines"]:
+            line_offset[path] = offset + stats["lines"]
+
+    def consume(stream):
+        pending = dict(done)
+        for i in range(len(chunks)):
+            if i in pending:
+                report(i, pending.pop(i))
+                continue
+            while True:
+                try:
+                    stats = next(stream)
+                    break
+                except mp.TimeoutError:
+                    prog.update()
+            report(stats["index"], stats)
+            prog.update()
+
+    try:
+        if workers == 1:
+            _init_worker(*init_args)
+            consume(iter(map(_tokenize_chunk, todo)))
+        else:
+            with mp.get_context("fork").Pool(workers, _init_worker, init_args) as pool:
+                it = pool.imap(_tokenize_chunk, todo)
+                consume(_TimeoutIter(it, log_interval))
+    finally:
+        prog.update(force=True)
+        prog.close()
+
+    # Merge in input order under temporary names; .idx is renamed last, so its presence means complete.
+    tmp_bin, tmp_idx = f"{out_bin}.tmp", f"{out_idx}.tmp"
+    builder = IndexedDatasetBuilder(tmp_bin, dtype=DType.optimal_dtype(tok.vocab_size))
+    # add_index runs gc.collect() per shard, ~0.5 s each with torch and megatron.core loaded; frozen
+    # objects are not scanned, which makes it cheap.
+    gc.freeze()
+    try:
+        for i, p in enumerate(prefixes):
+            if results[i]["docs"]:
+                builder.add_index(p)
+        builder.finalize(tmp_idx)
+        if os.path.exists(out_idx):
+            os.remove(out_idx)
+        os.replace(tmp_bin, out_bin)
+        os.replace(tmp_idx, out_idx)
+    finally:
+        gc.unfreeze()
+        builder.data_file.close()
+        for tmp in (tmp_bin, tmp_idx):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if not keep_shards:
+        shutil.rmtree(shard_dir)
+
+    total = {k: sum(r[k] for r in results.values()) for k in ("docs", "tokens", "text_bytes", "error_count")}
+    dt = time.time() - t0
+    total.update(seconds=dt, shards=len(chunks), resumed_shards=len(done), output=output_prefix,
+                 tokens_per_s=total["tokens"] / dt, mb_per_s=total["text_bytes"] / dt / 1e6)
+    if progress:
+        more = f" ({total['error_count'] - max_errors_shown} not shown)" if total["error_count"] > max_errors_shown else ""
+        print(f"done: {total['docs']:,} documents, {total['tokens']:,} tokens, {total['text_bytes'] / 1e6:.1f} MB "
+              f"in {dt:.1f}s ({total['tokens_per_s']:,.0f} tok/s, {total['mb_per_s']:.1f} MB/s); "
+              f"skipped {total['error_count']} bad documents{more}; "
+              f"{len(done)}/{len(chunks)} shards reused; wrote {out_bin} and {out_idx}", file=sys.stderr)
+    return total
+
+
+class _TimeoutIter:
+    """Pool.imap results with a timeout, so the progress line keeps moving during long shards."""
+
+    def __init__(self, it, timeout):
+        self.it, self.timeout = it, timeout
+
+    def __next__(self):
+        return self.it.next(timeout=self.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--input", nargs="+", required=True, help="files and/or directories (JSONL, text, source; .gz/.zst ok)")
+    ap.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
+    ap.add_argument("--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory")
+    ap.add_argument("--text-key", default="text", help="JSONL key holding the document text")
+    ap.add_argument("--glob", default="**/*", help="files to take from input directories, e.g. '**/*.py'")
+    ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    ap.add_argument("--chunk-mb", type=float, default=256, help="input MB per shard (unit of parallelism and resume)")
+    ap.add_argument("--on-error", choices=("skip", "fail"), default="skip")
+    ap.add_argument("--mask-token", default=MASK_TOKEN)
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    ap.add_argument("--keep-shards", action="store_true")
+    ap.add_argument("--log-interval", type=float, default=2.0, help="seconds between progress lines")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        tokenize_corpus(args.input, args.output_prefix, args.tokenizer, text_key=args.text_key, glob=args.glob,
+                        workers=args.workers, chunk_mb=args.chunk_mb, on_error=args.on_error,
+                        mask_token=args.mask_token, overwrite=args.overwrite, keep_shards=args.keep_shards,
+                        progress=not args.quiet, log_interval=args.log_interval)
+    except (InputError, TokenizerError, FatalDocumentError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,199 @@
+"""Tokenizers: training a SentencePiece model that is lossless for source code, and one wrapper over our
+SentencePiece models, existing ones (e.g. Llama-family) and Hugging Face tokenizer directories.
+
+The wrapper is also what Megatron-core's dataset config expects as `tokenizer` (`vocab_size`, `eod`,
+`unique_identifiers`), so the same object serves tokenization and training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+MASK_TOKEN = "<|mask|>"
+EOD_TOKEN = "<|endoftext|>"
+META_SPACE = "\u2581"  # SentencePiece's stand-in for ' '; a literal one in the text would decode as ' '
+
+
+class TokenizerError(Exception):
+    pass
+
+
+def train_sentencepiece(texts: Iterable[str], output: str, vocab_size: int = 32000, model_type: str = "bpe",
+                        max_sentences: int = 2_000_000, num_threads: int | None = None, seed: int = 0) -> str:
+    """Train on the lines of `texts` and write `output` (a .model file) atomically.
+
+    Lossless for code: identity normalisation (no NFKC), whitespace kept as is (no dummy prefix, no
+    collapsing, whitespace-only pieces so indentation gets its own tokens), byte fallback so any UTF-8
+    survives.  SentencePiece trains on lines, so '\\n' never appears in training data: it is reserved as a
+    user-defined symbol.  The end-of-document token is the model's eos (what Megatron's SentencePiece
+    tokenizer uses as `eod`) and the mask token a control symbol: both are reserved ids that encode()
+    never produces from text, so a literal "<|endoftext|>" inside a source file stays plain text.
+    """
+    lines = (line for text in texts for line in text.split("\n") if line)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)  # the line sampling is the only randomness
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True, byte_fallback=True, split_digits=True, character_coverage=0.9999,
+        user_defined_symbols=["\n"], control_symbols=[MASK_TOKEN], eos_piece=EOD_TOKEN, pad_id=-1,
+        max_sentence_length=16384, input_sentence_size=max_sentences, shuffle_input_sentence=True,
+        num_threads=num_threads or os.cpu_count(),
+        hard_vocab_limit=False, minloglevel=2)
+    tmp = f"{output}.tmp{os.getpid()}"
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(tmp).write_bytes(model.getvalue())
+    os.replace(tmp, output)
+    return output
+
+
+def _fingerprint(path: Path) -> str:
+    """Content hash of a model file, or of a tokenizer directory's small files (not the weights)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        f for f in path.iterdir() if f.is_file() and f.stat().st_size < 64 << 20
+        and f.suffix not in (".safetensors", ".bin", ".pt", ".pth"))
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class Tokenizer:
+    """encode / decode / eod_id / mask_id / vocab_size over a SentencePiece model or a HF tokenizer dir.
+
+    A vocabulary without the mask token (e.g. a Llama checkpoint's) gets it appended at id `base vocab
+    size`, so `vocab_size` grows by one and the model's embedding must have that extra row.
+    """
+
+    def __init__(self, path: str, mask_token: str = MASK_TOKEN):
+        self.path, self.mask_token = str(path), mask_token
+        p = Path(path)
+        if not p.exists():
+            raise TokenizerError(f"tokenizer {path}: not found; train one with tidar-train-tokenizer or pass "
+                                 f"a SentencePiece .model file or a Hugging Face tokenizer directory")
+        self._sp = self._hf = None
+        try:
+            if p.is_dir():
+                self._load_hf(p)
+            else:
+                self._load_sp(p)
+        except TokenizerError:
+            raise
+        except Exception as e:  # sentencepiece/transformers raise many types for a bad file
+            kind = "Hugging Face tokenizer directory" if p.is_dir() else "SentencePiece model"
+            raise TokenizerError(f"tokenizer {path}: not a readable {kind} ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        self.fingerprint = _fingerprint(p)
+        # Megatron's datasets hash this into their cache key (json.dumps default=obj.unique_identifiers).
+        self.unique_identifiers = {"class": type(self).__name__, "path": self.path,
+                                   "fingerprint": self.fingerprint, "mask_token": mask_token}
+
+    def _load_sp(self, p: Path):
+        sp = spm.SentencePieceProcessor(model_file=str(p))
+        self._sp = sp
+        base = sp.get_piece_size()
+        self.eod_id = sp.eos_id()
+        if self.eod_id < 0:
+            raise TokenizerError(f"tokenizer {p}: the SentencePiece model has no eos piece to use as the "
+                                 f"end-of-document token; retrain it with an eos_id")
+        found = sp.piece_to_id(self.mask_token)
+        self.mask_id = found if found != sp.unk_id() or self.mask_token == sp.id_to_piece(found) else base
+        self.vocab_size = base + (self.mask_id == base)
+        # A literal META_SPACE can only be kept through byte fallback, and splitting the text around it is
+        # only safe when the model adds no dummy prefix to each piece of text.
+        byte_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode()]
+        no_prefix = sp.encode("a", out_type=str)[:1] == ["a"]
+        self._meta_ids = byte_ids if no_prefix and all(sp.is_byte(i) for i in byte_ids) else None
+
+    def _load_hf(self, p: Path):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise TokenizerError(f"tokenizer {p}: a Hugging Face tokenizer directory needs transformers; "
+                                 f"pip install 'tidar_megatron[hf]'") from None
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise over processes
+        hf = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+        self._hf = hf
+        if hf.eos_token_id is None:
+            raise TokenizerError(f"tokenizer {p}: has no eos token to use as the end-of-document token")
+        self.eod_id = hf.eos_token_id
+        base = len(hf)
+        vocab = hf.get_vocab()
+        self.mask_id = vocab.get(self.mask_token, hf.mask_token_id if hf.mask_token_id is not None else base)
+        self.vocab_size = max(base, self.mask_id + 1)
+
+    # --- Megatron's tokenizer interface (what GPTDatasetConfig reads) ----------------------------------
+    @property
+    def eod(self) -> int:
+        return self.eod_id
+
+    @property
+    def eos(self) -> int:
+        return self.eod_id
+
+    # --- encode / decode -----------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self._hf is not None:
+            return self._hf.encode(text, add_special_tokens=False)
+        if self._meta_ids is None or META_SPACE not in text:
+            return self._sp.encode(text)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(META_SPACE)):
+            if i:
+                ids += self._meta_ids
+            if part:
+                ids += self._sp.encode(part)
+        return ids
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self._sp.decode(ids)
+
+    # Reload from the path in other processes rather than pickling the native objects.
+    def __getstate__(self):
+        return {"path": self.path, "mask_token": self.mask_token}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["mask_token"])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id}, mask_id={self.mask_id})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry: train a SentencePiece model from the same inputs tokenize accepts."""
+    import argparse
+    import sys
+
+    from tidar_megatron.data.corpus import InputError, find_inputs, iter_texts
+    ap = argparse.ArgumentParser(description="Train a SentencePiece model that is lossless for source code.")
+    ap.add_argument("--input", nargs="+", required=True, help="files and/or directories (JSONL, text, source)")
+    ap.add_argument("--output", required=True, help="the .model file to write")
+    ap.add_argument("--vocab-size", type=int, default=32000)
+    ap.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    ap.add_argument("--text-key", default="text")
+    ap.add_argument("--glob", default="**/*")
+    ap.add_argument("--sample-mb", type=float, default=2048,
+                    help="read at most this many MB in total, spread evenly over the input files")
+    ap.add_argument("--max-sentences", type=int, default=2_000_000, help="lines SentencePiece samples from that")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        files = find_inputs(args.input, args.glob)
+        per_file = int(args.sample_mb * (1 << 20) / len(files))
+        train_sentencepiece(iter_texts(files, args.text_key, per_file), args.output, args.vocab_size,
+                            args.model_type, args.max_sentences, seed=args.seed)
+    except (InputError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(repr(Tokenizer(args.output)), file=sys.stderr)
+    return 0

@@ -1,0 +1,264 @@
+"""TiDAR self-speculative decoding, and plain AR decoding with the same model and KV cache code.
+
+State of one sequence between passes: the KV cache holds the verified prefix, cache slots [0, m); the pending
+block c_0..c_{B-1} sits at positions m..m+B-1, c_0 verified, c_1.. drafts.  A TiDAR pass runs
+`TiDARLayout.for_decoding(m, B)`: the pending block (causal, the AR half) and one block of B mask tokens per
+acceptance length a = 1..B.  The AR logits verify the drafts (greedy or rejection sampling); the next verified
+token t follows the a kept tokens; the next drafts come from mask block a, which saw exactly the kept tokens.
+
+Cache slot == layout index: a pass writes its tokens' keys and values at slots m, m+1, ..., so the kept tokens'
+entries (computed with their exact causal prefix) are already in place and everything after them is scratch
+that the next pass overwrites.  Nothing is copied or rolled back.
+
+The prompt is prefilled together with one mask block right after it: its AR logits give the first token and
+the block gives the first drafts, so decoding starts in the same state as after any other pass.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from tidar_megatron.inference.model import Transformer
+from tidar_megatron.inference.sampling import SamplingConfig, select, verify_drafts
+from tidar_megatron.layout import TiDARLayout
+
+MODES = ("tidar", "ar")
+
+
+def causal_layout(num_tokens: int) -> TiDARLayout:
+    """Clean tokens only: a plain causal pass (AR prefill and AR steps)."""
+    return TiDARLayout(clean_len=num_tokens, block_size=1, block_starts=(), block_ends=())
+
+
+def prefill_layout(prompt_len: int, block_size: int) -> TiDARLayout:
+    """The prompt, then one mask block drafting the positions right after it."""
+    return TiDARLayout(prompt_len, block_size, (prompt_len,), (prompt_len + block_size,))
+
+
+def pass_inputs(layouts: list[TiDARLayout], first_rows: list[int], width: int, num_keys: int):
+    """Positions, cache slots and attention mask for rows [first_row, seq_len) of each sequence's layout.
+
+    Returns positions [b, width], cache_slots [b, width], mask [b, width, num_keys] (True = may attend).
+    Rows past a layout's end pad a shorter prompt in a batched prefill: they attend only to their own
+    (scratch) slot, so every cached value stays finite.
+    """
+    b = len(layouts)
+    positions = torch.zeros(b, width, dtype=torch.long)
+    slots = torch.tensor(first_rows)[:, None] + torch.arange(width)
+    mask = torch.zeros(b, width, num_keys, dtype=torch.bool)
+    keys = torch.arange(num_keys)
+    rows_of = {}  # sequences in the same state share their rows (large batches of one prompt)
+    for i, (layout, first) in enumerate(zip(layouts, first_rows)):
+        if (layout, first) not in rows_of:
+            rows = torch.arange(first, layout.seq_len)
+            rows_of[layout, first] = (layout.position_ids[first:], layout.allowed(rows[:, None], keys[None, :]))
+        row_positions, row_mask = rows_of[layout, first]
+        n = len(row_positions)
+        positions[i, :n], mask[i, :n] = row_positions, row_mask
+        pad = torch.arange(n, width)
+        mask[i, pad, first + pad] = True
+    return positions, slots, mask
+
+
+@dataclass
+class DecodeStats:
+    mode: str
+    block_size: int
+    new_tokens: int = 0
+    forward_passes: int = 0      # NFE, the prefill included
+    sequence_passes: int = 0     # passes summed over the sequences still generating (== NFE at batch 1)
+    seconds: float = 0.0
+    acceptance_histogram: list[int] = field(default_factory=list)  # [a - 1]: passes that kept a tokens
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """T/NFE per sequence."""
+        return self.new_tokens / self.sequence_passes if self.sequence_passes else 0.0
+
+    def summary(self) -> str:
+        hist = " ".join(f"{a}:{n}" for a, n in enumerate(self.acceptance_histogram, 1) if n)
+        return (f"mode={self.mode} new_tokens={self.new_tokens} passes={self.forward_passes} "
+                f"tokens/s={self.tokens_per_second:.1f} T/NFE={self.tokens_per_pass:.2f}"
+                + (f" accepted-per-pass histogram {{{hist}}}" if self.mode == "tidar" else ""))
+
+
+@dataclass
+class StreamStep:
+    new_tokens: list[list[int]]   # per sequence, the tokens this pass made final (empty once finished)
+    cached_lengths: list[int]     # per sequence, cache slots [0, n) hold the verified prefix's KV
+    stats: DecodeStats
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]
+    stats: DecodeStats
+
+
+class _StopRule:
+    """Clips each sequence at max_new_tokens and after its first EOS."""
+
+    def __init__(self, batch_size: int, max_new_tokens: int, eos_token_ids):
+        self.max_new_tokens, self.eos = max_new_tokens, set(eos_token_ids)
+        self.generated = [0] * batch_size
+        self.finished = [False] * batch_size
+
+    def commit(self, i: int, tokens: list[int]) -> list[int]:
+        if self.finished[i]:
+            return []
+        tokens = tokens[:self.max_new_tokens - self.generated[i]]
+        for j, token in enumerate(tokens):
+            if token in self.eos:
+                tokens, self.finished[i] = tokens[:j + 1], True
+                break
+        self.generated[i] += len(tokens)
+        self.finished[i] |= self.generated[i] >= self.max_new_tokens
+        return tokens
+
+
+class Decoder:
+    def __init__(self, model: Transformer, mask_token_id: int | None = None, block_size: int | None = None,
+                 eos_token_ids=(), compile: bool = False):
+        self.model, self.mask_token_id, self.block_size = model, mask_token_id, block_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.device = model.lm_head.weight.device
+        # Compiled decoding steps attend over the whole cache so that every step has the same shapes (CUDA
+        # graphs); on CPU the eager model attends only to the keys a pass can see.
+        self.compiled = compile and self.device.type == "cuda"
+        self._step_model = torch.compile(model, mode="reduce-overhead", fullgraph=True) if self.compiled \
+            else model
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu", mask_token_id=None, block_size=None,
+                        compile=False) -> "Decoder":
+        """Explicit mask_token_id / block_size override the checkpoint's tidar_* config fields."""
+        from tidar_megatron.inference.hf_checkpoint import load_hf_model
+        model, fields = load_hf_model(model_dir, dtype, device)
+        return cls(model, mask_token_id if mask_token_id is not None else fields.mask_token_id,
+                   block_size or fields.draft_block_size, fields.eos_token_ids, compile)
+
+    def generate(self, prompts, max_new_tokens: int, mode: str = "tidar", sampling=SamplingConfig(),
+                 seed: int | None = None) -> Generation:
+        steps = list(self.stream(prompts, max_new_tokens, mode, sampling, seed))
+        batch = len(steps[0].new_tokens)
+        return Generation([sum((s.new_tokens[i] for s in steps), []) for i in range(batch)], steps[-1].stats)
+
+    def stream(self, prompts, max_new_tokens: int, mode: str = "tidar", sampling=SamplingConfig(),
+               seed: int | None = None) -> Iterator[StreamStep]:
+        """Yields after every forward pass the tokens it made final.  `prompts`: one list of ids or several."""
+        prompts = [list(prompts)] if isinstance(prompts[0], int) else [list(p) for p in prompts]
+        self._check(prompts, max_new_tokens, mode)
+        block = self.block_size if mode == "tidar" else 1
+        longest = max(map(len, prompts))
+        # The last pass of a sequence writes up to its pending block and B mask blocks past the prefix.
+        self.model.setup_kv_cache(len(prompts), longest + max_new_tokens + block + block * block)
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        stats = DecodeStats(mode, block, acceptance_histogram=[0] * block)
+        stop = _StopRule(len(prompts), max_new_tokens, self.eos_token_ids)
+        run = self._tidar if mode == "tidar" else self._ar
+        with torch.inference_mode():
+            yield from run(prompts, sampling, generator, stats, stop)
+
+    def _check(self, prompts, max_new_tokens, mode):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if mode == "tidar":
+            if self.mask_token_id is None or self.block_size is None:
+                raise ValueError("TiDAR decoding needs the mask token id and draft block size: the checkpoint's "
+                                 "config.json has no tidar_mask_token_id / tidar_draft_block_size, so pass "
+                                 "them (--mask-token-id, --block-size), or use --mode ar")
+            if self.block_size < 2:
+                raise ValueError(f"TiDAR decoding needs block_size >= 2 (got {self.block_size}); "
+                                 f"use mode 'ar' for one token per pass")
+
+    def _forward(self, tokens, layouts, first_rows, step: bool):
+        """One pass over rows [first_row, first_row + width) of each layout; returns logits [b, width, V]."""
+        width = tokens.shape[1]
+        model = self._step_model if step else self.model
+        num_keys = self.model.model.layers[0].self_attn.kv_cache.k.shape[1] if (step and self.compiled) \
+            else max(first + width for first in first_rows)
+        positions, slots, mask = (t.to(self.device) for t in pass_inputs(layouts, first_rows, width, num_keys))
+        return model(tokens, positions, mask, slots, num_keys)
+
+    def _prefill(self, prompts, extra_tokens: list[int], layouts):
+        rows = [p + extra_tokens for p in prompts]
+        width = max(map(len, rows))
+        padded = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=self.device)
+        return self._forward(padded, layouts, [0] * len(prompts), step=False)
+
+    def _emit(self, stop, stats, tokens_per_row, started):
+        """Applies the stop rule (finished rows get []); returns (final tokens per row, rows still generating)."""
+        emitted = [stop.commit(i, t) for i, t in enumerate(tokens_per_row)]
+        stats.new_tokens += sum(map(len, emitted))
+        stats.forward_passes += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        stats.seconds += time.perf_counter() - started
+        return emitted, torch.tensor([not f for f in stop.finished], device=self.device)
+
+    def _tidar(self, prompts, sampling, generator, stats, stop):
+        started, block, mask_id = time.perf_counter(), self.block_size, self.mask_token_id
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        rows = torch.arange(len(prompts), device=self.device)
+        logits = self._prefill(prompts, [mask_id] * block, [prefill_layout(len(p), block) for p in prompts])
+        token, _ = select(logits[rows, lengths - 1], sampling, generator)
+        first_block = logits[rows[:, None], lengths[:, None] + torch.arange(block, device=self.device)]
+        drafts, draft_probs = select(first_block[:, 1:], sampling, generator)  # its slot 0 drafts `token`
+        prefix, pending = lengths, torch.cat([token[:, None], drafts], dim=1)   # prefix m, pending [b, B]
+        stats.sequence_passes += len(prompts)
+        emitted, active = self._emit(stop, stats, [[t] for t in token.tolist()], started)
+        yield StreamStep(emitted, prefix.tolist(), stats)
+        masks = torch.full((len(prompts), block * block), mask_id, device=self.device)
+        while active.any():
+            started = time.perf_counter()
+            layouts = [TiDARLayout.for_decoding(m, block) for m in prefix.tolist()]
+            logits = self._forward(torch.cat([pending, masks], dim=1), layouts, prefix.tolist(), step=True)
+            accepted, token = verify_drafts(logits[:, :block], pending[:, 1:], draft_probs, sampling, generator)
+            # Mask block a (index a - 1) starts right after the kept tokens; its slot 0 drafts `token`.
+            chosen_block = logits[:, block:].unflatten(1, (block, block))[rows, accepted - 1]
+            drafts, new_draft_probs = select(chosen_block[:, 1:], sampling, generator)
+            kept, accepted_list = pending.tolist(), accepted.tolist()
+            new = [kept[i][1:a] + [t] for i, (a, t) in enumerate(zip(accepted_list, token.tolist()))]
+            for a, generating in zip(accepted_list, active.tolist()):
+                stats.acceptance_histogram[a - 1] += generating
+            stats.sequence_passes += int(active.sum())
+            emitted, active = self._emit(stop, stats, new, started)
+            # Sequences that just finished keep their last state, so later passes stay inside the cache.
+            prefix = torch.where(active, prefix + accepted, prefix)
+            pending = torch.where(active[:, None], torch.cat([token[:, None], drafts], dim=1), pending)
+            if draft_probs is not None:
+                draft_probs = torch.where(active[:, None, None], new_draft_probs, draft_probs)
+            yield StreamStep(emitted, prefix.tolist(), stats)
+
+    def _ar(self, prompts, sampling, generator, stats, stop):
+        started = time.perf_counter()
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        rows = torch.arange(len(prompts), device=self.device)
+        logits = self._prefill(prompts, [], [causal_layout(len(p)) for p in prompts])
+        token, _ = select(logits[rows, lengths - 1], sampling, generator)
+        prefix = lengths  # slot of the next token to feed
+        stats.sequence_passes += len(prompts)
+        emitted, active = self._emit(stop, stats, [[t] for t in token.tolist()], started)
+        yield StreamStep(emitted, prefix.tolist(), stats)
+        while active.any():
+            started = time.perf_counter()
+            layouts = [causal_layout(m + 1) for m in prefix.tolist()]
+            logits = self._forward(token[:, None], layouts, prefix.tolist(), step=True)
+            next_token, _ = select(logits[:, 0], sampling, generator)
+            stats.sequence_passes += int(active.sum())
+            emitted, active = self._emit(stop, stats, [[t] for t in next_token.tolist()], started)
+            prefix = torch.where(active, prefix + 1, prefix)
+            token = torch.where(active, next_token, token)
+            yield StreamStep(emitted, prefix.tolist(), stats)

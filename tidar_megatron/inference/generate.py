@@ -1,0 +1,97 @@
+"""`tidar-megatron generate`: decode prompts with an exported Hugging Face checkpoint, TiDAR or plain AR.
+
+    tidar-megatron generate --model <hf dir> --prompt "Once upon a time" [--mode tidar|ar]
+        [--max-new-tokens N] [--temperature T] [--top-p P] [--block-size B] [--prompt-ids 1,2,3]
+
+Prints the generated text as it is accepted (batch 1) or per prompt (several --prompt), then a summary:
+tokens/s, tokens per forward pass (T/NFE) and, for TiDAR, how many tokens each pass kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from tidar_megatron.inference.decoding import MODES, Decoder
+from tidar_megatron.inference.sampling import SamplingConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tidar-megatron generate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face directory (config.json + safetensors)")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    prompts.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for a batch")
+    p.add_argument("--mode", choices=MODES, default="tidar")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--block-size", type=int, help="draft block size (default: tidar_draft_block_size)")
+    p.add_argument("--mask-token-id", type=int, help="mask token (default: tidar_mask_token_id)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile + CUDA graphs (GPU only)")
+    return p
+
+
+class Tokenizer:
+    """A sentencepiece `tokenizer.model`, or the transformers tokenizer files, of a model directory."""
+
+    def __init__(self, model_dir: Path):
+        if (model_dir / "tokenizer.model").is_file():
+            import sentencepiece
+            sp = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
+            self.encode, self.decode = sp.encode, sp.decode
+        elif (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            self.encode = tokenizer.encode
+            self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        else:
+            raise FileNotFoundError(f"{model_dir} has no tokenizer.model, tokenizer.json or "
+                                    f"tokenizer_config.json: pass token ids with --prompt-ids instead")
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise SystemExit(f"--prompt-ids expects comma-separated integers, got {text!r}") from None
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    model_dir = Path(args.model)
+    tokenizer = Tokenizer(model_dir) if args.prompt else None
+    prompts = [tokenizer.encode(t) for t in args.prompt] if tokenizer else [parse_ids(t) for t in args.prompt_ids]
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
+                                                   else torch.float32)
+    decoder = Decoder.from_pretrained(model_dir, dtype, args.device, args.mask_token_id, args.block_size,
+                                      args.compile)
+    sampling = SamplingConfig(args.temperature, args.top_p)
+    generated = [[] for _ in prompts]
+    shown = ""
+    for step in decoder.stream(prompts, args.max_new_tokens, args.mode, sampling, args.seed):
+        for tokens, new in zip(generated, step.new_tokens):
+            tokens += new
+        if len(prompts) == 1:  # stream: print what the accepted tokens add to the text
+            text = tokenizer.decode(generated[0]) if tokenizer else " ".join(map(str, generated[0]))
+            print(text[len(shown):] if text.startswith(shown) else "\n" + text, end="", flush=True)
+            shown = text
+    if len(prompts) == 1:
+        print()
+    else:
+        for i, tokens in enumerate(generated):
+            print(f"[{i}] " + (tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens))))
+    print(f"--- {step.stats.summary()} device={args.device}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

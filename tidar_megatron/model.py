@@ -1,0 +1,132 @@
+"""TiDARModel: Megatron-core's GPTModel with the TiDAR layout.
+
+Only two things change relative to GPTModel, and only those are overridden:
+  * RoPE is applied at the layout's position ids (GPTModel's RoPE would use 0..S-1 and ignore them), so a
+    mask token carries the position of the token it drafts;
+  * attention follows the layout's rule, through the backend chosen in the layer spec (attention.py).
+Embeddings, layers, TP/PP/SP, the vocab-parallel output layer and cross-entropy are Megatron's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from . import attention
+from .config import Config
+
+
+def transformer_config(cfg: Config, on_gpu: bool) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.activation == "swiglu",
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
+        init_method_std=m.init_method_std,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=p.tensor_parallel,
+        pipeline_model_parallel_size=p.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        sequence_parallel=p.sequence_parallel,
+        bf16=cfg.train.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        # Initialise full weights on the CPU, then shard: the same seed gives the same model at any TP.
+        use_cpu_initialization=True,
+        # Fusions that need apex/TE or CUDA kernels stay off unless those are present.
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+
+
+class TiDARModel(GPTModel):
+    def __init__(self, cfg: Config, pre_process: bool = True, post_process: bool = True, vp_stage=None,
+                 on_gpu: bool | None = None):
+        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+        backend = cfg.model.attention_backend
+        attention.check_backend_available(backend, on_gpu)
+        super().__init__(
+            config=transformer_config(cfg, on_gpu),
+            transformer_layer_spec=attention.layer_spec(backend, cfg.tidar.draft_block_size,
+                                                        cfg.model.qk_layernorm, cfg.model.normalization),
+            vocab_size=cfg.padded_vocab_size,
+            max_sequence_length=2 * cfg.train.seq_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.model.rope_base),
+            vp_stage=vp_stage,
+        )
+        self.backend = backend
+        self.draft_block_size = cfg.tidar.draft_block_size
+
+    # --- RoPE at the layout's positions --------------------------------------------------------
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        out = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))
+        if out[1] is not None:  # rotary_pos_emb [S, 1, 1, d] for positions 0..S-1 -> gather ours
+            if position_ids.dim() == 2:
+                if not torch.equal(position_ids, position_ids[:1].expand_as(position_ids)):
+                    raise ValueError("TiDARModel expects the same position ids for every sample of a batch")
+                position_ids = position_ids[0]
+            table = self.rotary_pos_emb(int(position_ids.max()) + 1)
+            out[1] = table[position_ids.to(table.device)]
+        return tuple(out)
+
+    # --- attention mask for the chosen backend -------------------------------------------------
+    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, **kwargs):
+        """input_ids [b, S] (clean tokens then mask blocks), position_ids [S] or [b, S] from the layout,
+        labels [b, S] (optional) -> per-token cross-entropy [b, S]; without labels -> logits [b, S, V/tp]."""
+        seq_len = position_ids.shape[-1]
+        if attention_mask is None and self.backend in ("local", "te"):
+            layout = attention.training_layout(seq_len, self.draft_block_size)
+            device = position_ids.device
+            if self.backend == "local":
+                attention_mask = _megatron_mask(layout, device)
+            else:
+                kwargs.setdefault("extra_block_kwargs", {})["attention_bias"] = attention.te_attention_bias(
+                    layout, self.config.params_dtype, device)
+        return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+
+
+@functools.lru_cache(maxsize=4)
+def _megatron_mask(layout, device):
+    return layout.megatron_mask(device)
+
+
+def build_model(cfg: Config, on_gpu: bool | None = None) -> list[TiDARModel]:
+    """The model chunks of this rank (one, or `virtual_pipeline` chunks for interleaved 1F1B)."""
+    vp = cfg.parallel.virtual_pipeline
+    chunks = []
+    for stage in range(vp or 1):
+        vp_stage = stage if vp else None
+        chunks.append(TiDARModel(
+            cfg,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+            on_gpu=on_gpu,
+        ))
+    return chunks
