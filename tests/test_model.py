@@ -1,0 +1,150 @@
+"""The TiDAR model on one CPU rank (a spawned process, so Megatron's global state stays out of pytest):
+attention backends against torch SDPA, the no-leak invariant, the loss against a hand-computed
+cross-entropy, and a few optimizer steps lowering both losses."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from multirank import run_on_ranks
+
+L, B, VOCAB = 12, 4, 64
+
+
+def _cfg(*extra):
+    from tidar_megatron.config import load_config
+
+    return load_config("tiny", ["--train.seq_length", str(L), "--tidar.draft_block_size", str(B),
+                                "--model.vocab_size", str(VOCAB), *extra])
+
+
+def _sdpa_reference(q, k, v, keep, scale):
+    """q [s, b, hq, d], k/v [s, b, hkv, d] -> [s, b, hq*d] with torch SDPA (True = keep)."""
+    rep = q.shape[2] // k.shape[2]
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+    return out.permute(2, 0, 1, 3).flatten(2)
+
+
+def _suite(rank, world_size):
+    from tidar_megatron import distributed
+    from tidar_megatron.attention import FlexTiDARAttention, training_layout
+    from tidar_megatron.batch import from_token_windows
+    from tidar_megatron.layout import TiDARLayout
+    from tidar_megatron.loss import TokenCounts
+    from tidar_megatron.model import build_model
+    from tidar_megatron.step import make_forward_step
+    from tidar_megatron.trainer import build_trainer
+
+    cfg = _cfg("--tidar.alpha", "0.5")
+    distributed.initialize(cfg)
+    model = build_model(cfg, on_gpu=False)[0]
+    layout = TiDARLayout.for_training(L, B)
+    out = {}
+
+    # 1. Core attention: Megatron's local DotProductAttention (arbitrary mask) and flex vs SDPA.
+    core = model.decoder.layers[0].self_attention.core_attention
+    g = torch.Generator().manual_seed(1)
+    hq, hkv, d = cfg.model.num_attention_heads, cfg.model.num_query_groups, cfg.model.head_dim
+    q = torch.randn(2 * L, 2, hq, d, generator=g, requires_grad=True)
+    k = torch.randn(2 * L, 2, hkv, d, generator=g, requires_grad=True)
+    v = torch.randn(2 * L, 2, hkv, d, generator=g, requires_grad=True)
+    grad_out = torch.randn(2 * L, 2, hq * d, generator=g)
+    local = core(q, k, v, layout.megatron_mask())
+    local_grads = torch.autograd.grad(local, (q, k, v), grad_out)
+    ref = _sdpa_reference(q, k, v, layout.dense_mask(), d ** -0.5)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    out["local_vs_sdpa"] = [(local.detach(), ref.detach())] + list(zip(local_grads, ref_grads))
+    flex = FlexTiDARAttention(model.config, 1, None, None, draft_block_size=B)
+    with torch.no_grad():
+        out["flex_vs_sdpa"] = (flex(q.detach(), k.detach(), v.detach(), None), ref.detach())
+
+    # 2. No leak: changing clean token t changes no logit that is trained to predict it.
+    model.eval()
+    windows = torch.randint(0, VOCAB, (2, L + 1), generator=g)
+    batch = from_token_windows(layout, windows, cfg.tidar.mask_token_id)
+    leaks, changed = [], 0
+    with torch.no_grad():
+        base = model(batch["input_ids"], batch["position_ids"])
+        for t in range(L):
+            ids = batch["input_ids"].clone()
+            ids[:, t] = (ids[:, t] + 1) % VOCAB
+            new = model(ids, batch["position_ids"])
+            predictors = [L + t] + ([t - 1] if t > 0 else [])  # diffusion slot at position t, AR slot t-1
+            leaks += [(t, i) for i in predictors if not torch.equal(new[:, i], base[:, i])]
+            changed += int(not torch.equal(new[:, t], base[:, t]))  # the perturbed token's own AR slot
+        # 3. Flex model forward equals local model forward.
+        flex_model = build_model(_cfg("--model.attention_backend", "flex"), on_gpu=False)[0]
+        flex_model.load_state_dict(model.state_dict())
+        flex_model.eval()
+        out["flex_model_vs_local"] = (flex_model(batch["input_ids"], batch["position_ids"]), base)
+    out["leaks"], out["changed"] = leaks, changed
+
+    # 4. Loss against a hand-computed cross-entropy over the layout's targets (with some targets masked).
+    batch["ar_mask"][0, 3] = 0
+    batch["diff_mask"][1, L + 5] = 0
+    counts = TokenCounts.of([batch])
+    step = make_forward_step(cfg.tidar.alpha, counts, num_microbatches=1, dp_size=1)
+    with torch.no_grad():
+        output, loss_func = step(iter([batch]), model)
+        share, stats = loss_func(output)
+    out["loss"] = (share, base, batch)
+
+    # 5. A few optimizer steps on a learnable task lower both losses.
+    model.train()
+    trainer = build_trainer(_cfg("--train.lr", "1e-2", "--train.lr_warmup_steps", "0",
+                                 "--train.lr_decay_style", "constant", "--train.min_lr", "0"), on_gpu=False)
+    period = torch.arange(8) * 7 % VOCAB
+    history = []
+    for step_i in range(25):
+        starts = torch.randint(0, 8, (cfg.train.global_batch_size,), generator=g)
+        windows = torch.stack([period[(s + torch.arange(L + 1)) % 8] for s in starts])
+        mbs = cfg.train.micro_batch_size
+        micro = [from_token_windows(layout, windows[i:i + mbs], cfg.tidar.mask_token_id)
+                 for i in range(0, len(windows), mbs)]
+        history.append(trainer.train_step(micro))
+    out["history"] = history
+    return out
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return run_on_ranks(1, _suite)[0]
+
+
+def test_local_backend_matches_sdpa_forward_and_gradients(suite):
+    for got, ref in suite["local_vs_sdpa"]:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_flex_backend_matches_sdpa_and_local(suite):
+    got, ref = suite["flex_vs_sdpa"]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    got, ref = suite["flex_model_vs_local"]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_no_position_sees_the_token_it_predicts(suite):
+    assert suite["leaks"] == []
+    assert suite["changed"] == L  # the perturbation itself is visible where it should be
+
+
+def test_loss_equals_hand_computed_cross_entropy(suite):
+    share, logits, batch = suite["loss"]
+    alpha = 0.5
+    ce = F.cross_entropy(logits.flatten(0, 1).double(), batch["targets"].flatten(), reduction="none")
+    ce = ce.view_as(batch["targets"])
+    ar = (ce * batch["ar_mask"]).sum() / batch["ar_mask"].sum()
+    diff = (ce * batch["diff_mask"]).sum() / batch["diff_mask"].sum()
+    # AR targets: the next clean token; diffusion targets: the clean token at the mask's position.
+    assert torch.equal(batch["targets"][:, :L - 1], batch["input_ids"][:, 1:L])
+    assert torch.equal(batch["targets"][:, L:], batch["input_ids"][:, :L])
+    torch.testing.assert_close(share.double(), (alpha * ar + diff) / (1 + alpha), rtol=1e-5, atol=0)
+
+
+def test_optimizer_steps_lower_both_losses(suite):
+    h = suite["history"]
+    first = {k: sum(m[k] for m in h[:3]) / 3 for k in ("loss_ar", "loss_diff")}
+    last = {k: sum(m[k] for m in h[-3:]) / 3 for k in ("loss_ar", "loss_diff")}
+    assert last["loss_ar"] < 0.5 * first["loss_ar"], (first, last)
+    assert last["loss_diff"] < 0.8 * first["loss_diff"], (first, last)
