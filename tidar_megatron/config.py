@@ -19,6 +19,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 ATTENTION_BACKENDS = ("local", "flex", "te", "kernel")
+ALIASES = {"init.from": "checkpoint.init_from", "resume": "checkpoint.resume"}
 
 
 class ConfigError(ValueError):
@@ -113,11 +114,17 @@ class TrainConfig:
     bf16: bool = False
     device: str = "auto"
     log_interval: int = 10
+    eval_interval: int = 100              # steps between validation runs (0 = never)
+    eval_iters: int = 4                   # global batches per validation run
+    max_nan_skips: int = 5                # consecutive non-finite steps before the run stops
+    peak_tflops: float = 989.0            # per-GPU dense bf16 peak for MFU (H100 SXM)
 
     def __post_init__(self):
         _choice("train.lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine", "WSD"))
         _choice("train.device", self.device, ("auto", "cuda", "cpu"))
         _positive(self, "seq_length", "micro_batch_size", "global_batch_size", "train_steps", "log_interval")
+        if self.eval_interval < 0 or self.eval_iters < 0 or self.max_nan_skips < 0:
+            raise ConfigError("train.eval_interval, train.eval_iters and train.max_nan_skips must be >= 0")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must be between 0 and train.lr ({self.lr})")
 
@@ -129,9 +136,29 @@ class DataConfig:
     tokenizer: str | None = None
     loader: str = "megatron"
     cache_dir: str | None = None
+    num_workers: int = 0
+    eod_mask_loss: bool = False
 
     def __post_init__(self):
         _choice("data.loader", self.loader, ("megatron", "dali"))
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/default"
+    interval: int = 0                     # steps between saves (0 = only at the end and on preemption)
+    keep_last: int = 3
+    resume: str = "auto"                  # auto: newest loadable checkpoint in dir | none | a path
+    init_from: str | None = None          # weights only, e.g. a converted Hugging Face model
+
+
+@dataclass
+class LogConfig:
+    wandb_mode: str = "offline"
+    wandb_project: str = "tidar-megatron"
+
+    def __post_init__(self):
+        _choice("log.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
 
 
 @dataclass
@@ -141,6 +168,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):
         if self.tidar.mask_token_id is None:
@@ -175,6 +204,7 @@ def load_config(preset: str | Path, overrides: list[str] | None = None) -> Confi
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, tidar, parallel, train, data)")
     for key, value in parse_overrides(overrides or []):
+        key = ALIASES.get(key, key)
         section, _, name = key.partition(".")
         if not name:
             raise ConfigError(f"override --{key}: use --section.field (e.g. --model.num_layers 4)")

@@ -10,7 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from . import attention, cpu_compat
-from .config import Config
+from .config import Config, ConfigError
 
 
 def _env_rank_world() -> tuple[int, int, int]:
@@ -76,7 +76,7 @@ def validate_layout(cfg: Config, world_size: int):
     if p.virtual_pipeline and p.pipeline_parallel < 2:
         problems.append("parallel.virtual_pipeline needs parallel.pipeline_parallel >= 2")
     if problems:
-        raise ValueError("invalid parallel layout: " + "; ".join(problems))
+        raise ConfigError("invalid parallel layout: " + "; ".join(problems))
     return dp
 
 

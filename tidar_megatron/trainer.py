@@ -3,6 +3,7 @@ pipeline schedules.  `train.py` runs the loop around it; the parity tests call i
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,15 +46,26 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         stats = self._forward_backward(microbatches, forward_only=False)
-        update_ok, grad_norm, _ = self.optimizer.step()
-        if update_ok:
-            self.scheduler.step(increment=1)
-        self.step += 1
         metrics = _broadcast_from_last_stage(
             loss.combine(stats, self.cfg.tidar.alpha, parallel_state.get_data_parallel_group()))
+        # Megatron's fp32/bf16 optimizers apply NaN gradients; skip such a step ourselves.
+        update_ok, grad_norm = False, float("nan")
+        if self._all_finite(metrics["loss"]):
+            update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        self.step += 1  # as in Megatron, a skipped update still uses up its iteration and its data
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                        lr=self.optimizer.param_groups[0]["lr"], skipped=not update_ok)
         return metrics
+
+    def _all_finite(self, loss_value: float) -> bool:
+        """Loss and every rank's local gradients finite (checked on the DDP grad buffers)."""
+        ok = math.isfinite(loss_value) and all(
+            bool(torch.isfinite(buf.grad_data).all()) for chunk in self.model for buf in chunk.buffers)
+        flag = torch.tensor([0.0 if ok else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() == 0.0
 
     @torch.no_grad()
     def evaluate(self, microbatches: list[dict]) -> dict:

@@ -1,0 +1,210 @@
+"""Checkpoints with megatron-core dist_checkpointing (torch_dist): layout-independent, atomic, resumable.
+
+    <dir>/iter_0000100/      one checkpoint (model, optimizer, scheduler, RNG, data position, step, config)
+    <dir>/latest             the name of the newest complete checkpoint
+    <dir>/.tmp.iter_...      a save in progress; never read, removed by the next save
+
+A save is written under a temporary name and renamed only when every rank has finished, then `latest` is
+replaced atomically; a checkpoint that is missing its metadata or fails to load is skipped, with a
+warning, in favour of the previous one.  Model and optimizer tensors are sharded by their global shape,
+so a checkpoint saved at one TP/PP/DP layout loads at another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+log = logging.getLogger(__name__)
+
+_ITER = re.compile(r"^iter_(\d{7})$")
+# Optimizer state in the canonical per-parameter form, so it reshards across TP, PP and DP.
+_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def _model_state(model, prefix_chunks: bool) -> dict:
+    chunks = [getattr(m, "module", m) for m in model]
+    if not prefix_chunks:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _rng_state() -> ShardedObject:
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    pp, tp, dp = (parallel_state.get_pipeline_model_parallel_world_size(),
+                  parallel_state.get_tensor_model_parallel_world_size(),
+                  parallel_state.get_data_parallel_world_size())
+    ranks = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+             parallel_state.get_data_parallel_rank(with_context_parallel=True))
+    return ShardedObject("rng_state", state, (pp, tp, dp), ranks, replica_id=0)
+
+
+def _set_rng_state(state: dict):
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout_of(cfg) -> tuple:
+    p = cfg.parallel
+    world = torch.distributed.get_world_size()
+    return (p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, world)
+
+
+def _sharded_state(trainer, is_loading: bool, with_rng: bool) -> dict:
+    model_state = _model_state(trainer.model, prefix_chunks=len(trainer.model) > 1)
+    merged_model = {}
+    for v in model_state.values():
+        merged_model.update(v)
+    state = dict(model_state)
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(merged_model, is_loading=is_loading,
+                                                              metadata=_OPT_METADATA)
+    if with_rng:
+        state["rng_state"] = _rng_state()
+    return state
+
+
+def save(trainer, directory: str | Path, data_state: dict, keep_last: int | None = None) -> Path:
+    """Save `trainer` (all ranks call this) and publish it as `latest` once complete."""
+    directory = Path(directory)
+    name = f"iter_{trainer.step:07d}"
+    final, tmp = directory / name, directory / f".tmp.{name}"
+    if _rank0():
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(".tmp.iter_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    torch.distributed.barrier()
+    state = _sharded_state(trainer, is_loading=False, with_rng=True)
+    state.update(scheduler=trainer.scheduler.state_dict(), step=trainer.step, data=data_state,
+                 config=trainer.cfg.to_dict(), layout=_layout_of(trainer.cfg))
+    dist_checkpointing.save(state, str(tmp))
+    torch.distributed.barrier()
+    if _rank0():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(directory, name)
+        if keep_last:
+            for old in list_checkpoints(directory)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    torch.distributed.barrier()
+    return final
+
+
+def _write_latest(directory: Path, name: str):
+    tmp = directory / ".latest.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, directory / "latest")
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete-looking checkpoints, oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _ITER.match(p.name) and (p / "metadata.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_resumable(directory: str | Path) -> list[Path]:
+    """Candidates to resume from, best first: `latest`, then older checkpoints."""
+    directory = Path(directory)
+    found = list_checkpoints(directory)[::-1]
+    latest = directory / "latest"
+    if latest.is_file():
+        named = directory / latest.read_text().strip()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+        else:
+            log.warning("%s names %s, which is missing or incomplete; falling back to older checkpoints",
+                        latest, named.name)
+    return found
+
+
+def load(trainer, path: str | Path) -> dict:
+    """Load model, optimizer, scheduler (and RNG when the layout is unchanged) into `trainer`.
+    Returns the saved `data` state; sets `trainer.step`."""
+    path = Path(path)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    same_layout = tuple(common.get("layout", ())) == _layout_of(trainer.cfg)
+    state = _sharded_state(trainer, is_loading=True, with_rng=same_layout)
+    loaded = dist_checkpointing.load(state, str(path))
+    chunks = [getattr(m, "module", m) for m in trainer.model]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, c in enumerate(chunks):
+            c.load_state_dict(loaded[f"model{i}"])
+    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    trainer.scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    else:
+        log.warning("%s was saved with another parallel layout; RNG states start fresh", path)
+    trainer.step = int(common["step"])
+    return common.get("data", {})
+
+
+def resume(trainer, directory: str | Path) -> dict | None:
+    """Load the newest loadable checkpoint under `directory`; None when there is none."""
+    for candidate in find_resumable(directory):
+        try:
+            data_state = load(trainer, candidate)
+        except Exception as e:  # a corrupt checkpoint: warn and fall back to the previous one
+            log.warning("could not load %s (%s: %s); trying the previous checkpoint",
+                        candidate, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            continue
+        log.info("resumed from %s at step %d", candidate, trainer.step)
+        return data_state
+    return None
+
+
+def load_model_weights(model, path: str | Path):
+    """Initialise model chunks from a checkpoint's weights only (e.g. a converted Hugging Face model).
+    Shapes must match the current config; the error names both."""
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        candidates = find_resumable(path)
+        if not candidates:
+            raise CheckpointError(f"{path}: no checkpoint found (expected metadata.json or iter_* folders)")
+        path = candidates[0]
+    state = _model_state(model, prefix_chunks=len(model) > 1)
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: does not match this model's config ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); check model.* against the "
+                              "checkpoint's config") from None
+    chunks = [getattr(m, "module", m) for m in model]
+    for i, c in enumerate(chunks):
+        c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
+    return path
