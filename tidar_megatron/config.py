@@ -117,14 +117,15 @@ class TrainConfig:
     eval_interval: int = 100              # steps between validation runs (0 = never)
     eval_iters: int = 4                   # global batches per validation run
     max_nan_skips: int = 5                # consecutive non-finite steps before the run stops
+    exit_interval: int = 0                # save and exit when the step is a multiple of this (0 = never)
     peak_tflops: float = 989.0            # per-GPU dense bf16 peak for MFU (H100 SXM)
 
     def __post_init__(self):
         _choice("train.lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine", "WSD"))
         _choice("train.device", self.device, ("auto", "cuda", "cpu"))
         _positive(self, "seq_length", "micro_batch_size", "global_batch_size", "train_steps", "log_interval")
-        if self.eval_interval < 0 or self.eval_iters < 0 or self.max_nan_skips < 0:
-            raise ConfigError("train.eval_interval, train.eval_iters and train.max_nan_skips must be >= 0")
+        if min(self.eval_interval, self.eval_iters, self.max_nan_skips, self.exit_interval) < 0:
+            raise ConfigError("train.eval_interval, eval_iters, max_nan_skips and exit_interval must be >= 0")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must be between 0 and train.lr ({self.lr})")
 

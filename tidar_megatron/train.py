@@ -207,17 +207,18 @@ def train(cfg: Config) -> dict:
                 result["valid"] = evaluate(trainer, valid_factory(), cfg.train.eval_iters)
                 progress.message(f"step {trainer.step} validation: " + json.dumps(
                     {k: round(v, 4) for k, v in result["valid"].items()}))
-            if preemption.agreed():
+            exit_now = bool(cfg.train.exit_interval) and trainer.step % cfg.train.exit_interval == 0
+            if preemption.agreed() or exit_now:
                 save()
-                progress.message(f"preempted: saved step {trainer.step} to {ckpt_dir}; exiting")
-                result["preempted"] = True
-                return result
+                progress.message(f"{'exit interval' if exit_now else 'preempted'}: saved step {trainer.step} "
+                                 f"to {ckpt_dir}; exiting")
+                return dict(result, stopped_early=True, history=progress.history)
             if cfg.checkpoint.interval and trainer.step % cfg.checkpoint.interval == 0:
                 save()
         if not (ckpt_dir / f"iter_{trainer.step:07d}").exists():
             save()
         progress.message(f"done: step {trainer.step}, checkpoint {ckpt_dir / f'iter_{trainer.step:07d}'}")
-        return result
+        return dict(result, history=progress.history)
     finally:
         progress.close()
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from tidar_megatron import batch as batch_lib
 from tidar_megatron.layout import TiDARLayout
 
 
@@ -65,13 +66,8 @@ def build_gpt_datasets(blend, split: str, sequence_length: int, seed: int, token
 
 
 def tidar_batch(batch: dict, layout: TiDARLayout, mask_token_id: int) -> dict:
-    """Collated clean batch (tokens, labels, loss_mask: [b, L]) -> the TiDAR batch, all [b, 2L]:
-    input_ids, position_ids, labels (AR then diffusion targets), ar_loss_mask, diffusion_loss_mask."""
-    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
-    targets, ar_mask, diff_mask = layout.training_targets(tokens, labels, loss_mask)
-    return {"input_ids": layout.training_inputs(tokens, mask_token_id),
-            "position_ids": layout.position_ids.expand(tokens.shape[0], -1),
-            "labels": targets, "ar_loss_mask": ar_mask, "diffusion_loss_mask": diff_mask}
+    """Collated clean batch (tokens, labels, loss_mask: [b, L]) -> the TiDAR batch (see batch.tidar_batch)."""
+    return batch_lib.tidar_batch(layout, batch["tokens"], batch["labels"], mask_token_id, batch["loss_mask"])
 
 
 class ResumableBatchSampler:

@@ -125,16 +125,22 @@ class _StopRule:
 
 
 class Decoder:
+    """Batch decoding with one model; one `stream` / `generate` at a time (they share the model's KV cache).
+
+    `compile` (CUDA only): decoding steps run under torch.compile with CUDA graphs; prefill stays eager.
+    """
+
     def __init__(self, model: Transformer, mask_token_id: int | None = None, block_size: int | None = None,
                  eos_token_ids=(), compile: bool = False):
         self.model, self.mask_token_id, self.block_size = model, mask_token_id, block_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.device = model.lm_head.weight.device
-        # Compiled decoding steps attend over the whole cache so that every step has the same shapes (CUDA
-        # graphs); on CPU the eager model attends only to the keys a pass can see.
         self.compiled = compile and self.device.type == "cuda"
-        self._step_model = torch.compile(model, mode="reduce-overhead", fullgraph=True) if self.compiled \
-            else model
+        self._step_model = model if not self.compiled else \
+            torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        # Compiled decoding steps attend over the whole cache so that every step has the same shapes (CUDA
+        # graphs replay fixed shapes); eager steps attend only to the keys a pass can see.
+        self.attend_whole_cache = self.compiled
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu", mask_token_id=None, block_size=None,
@@ -153,7 +159,11 @@ class Decoder:
 
     def stream(self, prompts, max_new_tokens: int, mode: str = "tidar", sampling=SamplingConfig(),
                seed: int | None = None) -> Iterator[StreamStep]:
-        """Yields after every forward pass the tokens it made final.  `prompts`: one list of ids or several."""
+        """Yields after every forward pass the tokens it made final.
+
+        prompts: one list of token ids, or a list of them (a batch; lengths may differ).  sampling: greedy by
+        default; with a temperature, TiDAR drafts are verified by rejection sampling.  seed: for sampling.
+        """
         prompts = [list(prompts)] if isinstance(prompts[0], int) else [list(p) for p in prompts]
         self._check(prompts, max_new_tokens, mode)
         block = self.block_size if mode == "tidar" else 1
@@ -187,8 +197,10 @@ class Decoder:
         """One pass over rows [first_row, first_row + width) of each layout; returns logits [b, width, V]."""
         width = tokens.shape[1]
         model = self._step_model if step else self.model
-        num_keys = self.model.model.layers[0].self_attn.kv_cache.k.shape[1] if (step and self.compiled) \
-            else max(first + width for first in first_rows)
+        if step and self.attend_whole_cache:
+            num_keys = self.model.model.layers[0].self_attn.kv_cache.k.shape[1]
+        else:
+            num_keys = max(first + width for first in first_rows)
         positions, slots, mask = (t.to(self.device) for t in pass_inputs(layouts, first_rows, width, num_keys))
         return model(tokens, positions, mask, slots, num_keys)
 

@@ -47,26 +47,39 @@ class Tokenizer:
         if (model_dir / "tokenizer.model").is_file():
             import sentencepiece
             sp = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
-            self.encode, self.decode = sp.encode, sp.decode
+            self.encode, self._decode, self.vocab_size = sp.encode, sp.decode, sp.get_piece_size()
         elif (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.encode = tokenizer.encode
-            self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+            self.encode, self.vocab_size = tokenizer.encode, len(tokenizer)
+            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         else:
             raise FileNotFoundError(f"{model_dir} has no tokenizer.model, tokenizer.json or "
                                     f"tokenizer_config.json: pass token ids with --prompt-ids instead")
+
+    def decode(self, ids: list[int]) -> str:
+        # The model's vocabulary is padded past the tokenizer's (TP padding, the mask token); those ids have
+        # no text.
+        return self._decode([i for i in ids if i < self.vocab_size])
 
 
 def parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise SystemExit(f"--prompt-ids expects comma-separated integers, got {text!r}") from None
+        raise ValueError(f"--prompt-ids expects comma-separated integers, got {text!r}") from None
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+        print(f"tidar-megatron generate: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     tokenizer = Tokenizer(model_dir) if args.prompt else None
     prompts = [tokenizer.encode(t) for t in args.prompt] if tokenizer else [parse_ids(t) for t in args.prompt_ids]
@@ -89,7 +102,7 @@ def main(argv=None) -> int:
     else:
         for i, tokens in enumerate(generated):
             print(f"[{i}] " + (tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens))))
-    print(f"--- {step.stats.summary()} device={args.device}", file=sys.stderr)
+    print(f"--- {step.stats.summary()} device={args.device}")
     return 0
 
 

@@ -157,7 +157,14 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inverse_frequencies(args), persistent=False)
 
     def setup_kv_cache(self, batch_size: int, num_slots: int):
-        """Preallocates every layer's cache, used by calls to `forward` that pass `cache_slots`."""
+        """Preallocates every layer's cache, used by calls to `forward` that pass `cache_slots`.
+
+        A cache of the same batch size with enough slots is kept: compiled steps then see the same buffers
+        and are not recompiled.  Stale entries are harmless, the attention masks never admit them.
+        """
+        current = self.model.layers[0].self_attn.kv_cache
+        if current is not None and current.k.shape[0] == batch_size and current.k.shape[1] >= num_slots:
+            return
         p = self.lm_head.weight
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, num_slots, self.args.num_kv_heads,

@@ -1,0 +1,201 @@
+"""The training loop end to end on CPU ranks: exact resume, resharded resume, preemption, NaN handling,
+config errors, and falling validation loss for both halves."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from multirank import run_on_ranks
+
+from tidar_megatron.config import ConfigError, load_config
+
+L = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small tokenizer and .bin/.idx made from a few standard-library modules."""
+    import sysconfig
+
+    from tidar_megatron.data.tokenize_corpus import tokenize_corpus
+    from tidar_megatron.data.tokenizer import Tokenizer, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [str(stdlib / n) for n in ("argparse.py", "textwrap.py", "json/decoder.py", "csv.py", "string.py")]
+    train_sentencepiece((Path(f).read_text() for f in files), str(root / "tok.model"), vocab_size=512)
+    tokenize_corpus(files, str(root / "corpus"), str(root / "tok.model"), workers=1, progress=False)
+    tok = Tokenizer(str(root / "tok.model"))
+    return {"prefix": str(root / "corpus"), "tokenizer": str(root / "tok.model"), "vocab": tok.vocab_size,
+            "mask": tok.mask_id}
+
+
+def _args(corpus, ckpt_dir, *extra):
+    return ["--model.vocab_size", str(corpus["vocab"]), "--tidar.mask_token_id", str(corpus["mask"]),
+            "--data.blend", corpus["prefix"], "--data.tokenizer", corpus["tokenizer"], "--data.split", "90,10,0",
+            "--train.seq_length", str(L), "--tidar.draft_block_size", "8", "--train.global_batch_size", "4",
+            "--train.micro_batch_size", "2", "--train.eval_interval", "0", "--train.lr_warmup_steps", "2",
+            "--checkpoint.dir", str(ckpt_dir), "--log.wandb_mode", "disabled", "--model.num_layers", "2",
+            *extra]
+
+
+def _run_train(rank, world_size, args):
+    from tidar_megatron.train import train
+
+    result = train(load_config("tiny", args))
+    return [(h["step"], h["loss"], h["loss_ar"], h["loss_diff"]) for h in result.get("history", [])], \
+        {k: v for k, v in result.items() if k != "history"}
+
+
+def _losses(history):
+    return {step: loss for step, loss, *_ in history}
+
+
+@pytest.mark.slow
+def test_exact_resume_is_bitwise(corpus, tmp_path):
+    N = 3
+    full, _ = run_on_ranks(2, _run_train, _args(corpus, tmp_path / "full", "--train.train_steps", str(2 * N)))[0]
+    first, info = run_on_ranks(2, _run_train, _args(corpus, tmp_path / "split", "--train.train_steps", str(2 * N),
+                                                     "--train.exit_interval", str(N)))[0]
+    assert info["stopped_early"] and (tmp_path / "split" / f"iter_{N:07d}").is_dir()
+    second, _ = run_on_ranks(2, _run_train, _args(corpus, tmp_path / "split", "--train.train_steps", str(2 * N)))[0]
+    assert [s for s, *_ in second] == list(range(N + 1, 2 * N + 1))  # resumed at the next step
+    assert _losses(first + second) == _losses(full)  # bitwise equal floats
+
+
+@pytest.mark.slow
+def test_resharded_resume_tp2_pp2_to_single_rank_and_back(corpus, tmp_path):
+    N = 2
+    layout = ["--parallel.tensor_parallel", "2", "--parallel.pipeline_parallel", "2"]
+    common = ["--train.train_steps", str(N + 1), "--checkpoint.interval", str(N),
+              "--parallel.use_distributed_optimizer", "false"]
+    # Saved at TP=2/PP=2, continued both there and at TP=1/PP=1.
+    sharded, _ = run_on_ranks(4, _run_train, _args(corpus, tmp_path / "a", *common, *layout))[0]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / f"iter_{N + 1:07d}")
+    (tmp_path / "b" / "latest").write_text(f"iter_{N:07d}\n")
+    single, _ = run_on_ranks(1, _run_train, _args(corpus, tmp_path / "b", *common))[0]
+    assert [s for s, *_ in single] == [N + 1]
+    torch.testing.assert_close(torch.tensor(single[0][1:]), torch.tensor(sharded[-1][1:]), rtol=1e-5, atol=0)
+    # And back: saved at TP=1/PP=1, continued at TP=2/PP=2.
+    single_full, _ = run_on_ranks(1, _run_train, _args(corpus, tmp_path / "c", *common))[0]
+    shutil.rmtree(tmp_path / "c" / f"iter_{N + 1:07d}")
+    (tmp_path / "c" / "latest").write_text(f"iter_{N:07d}\n")
+    resharded, _ = run_on_ranks(4, _run_train, _args(corpus, tmp_path / "c", *common, *layout))[0]
+    torch.testing.assert_close(torch.tensor(resharded[0][1:]), torch.tensor(single_full[-1][1:]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_relaunch_resumes(corpus, tmp_path):
+    ckpt = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tidar_megatron.train", "--config", "tiny",
+           *_args(corpus, ckpt, "--train.train_steps", "10000", "--train.log_interval", "1")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = ckpt / "train.log"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "step 2/" in log.read_text()):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    saved = (ckpt / "latest").read_text().strip()
+    step = int(saved.split("_")[1])
+    assert step >= 2 and f"preempted: saved step {step}" in log.read_text()
+    relaunch = subprocess.run([*cmd[:-6], "--train.train_steps", str(step + 1), "--train.log_interval", "1"],
+                              env=env, capture_output=True, text=True, timeout=180)
+    assert relaunch.returncode == 0, relaunch.stderr
+    assert f"resumed at step {step}" in log.read_text()
+    assert f"step {step + 1}/{step + 1}" in log.read_text()
+
+
+def _nan_steps(rank, world_size, args):
+    """A poisoned token id gives a NaN loss: that step is skipped (no update, no LR step), others train."""
+    from tidar_megatron import distributed
+    from tidar_megatron.batch import from_token_windows
+    from tidar_megatron.layout import TiDARLayout
+    from tidar_megatron.trainer import build_trainer
+
+    cfg = load_config("tiny", args)
+    distributed.initialize(cfg)
+    trainer = build_trainer(cfg, on_gpu=False)
+    emb = trainer.model[0].module.embedding.word_embeddings.weight
+    poison = 5
+    emb.data[poison] = float("nan")
+    layout = TiDARLayout.for_training(L, 8)
+    clean = torch.randint(10, 50, (4, L + 1))
+    bad = clean.clone()
+    bad[0, 3] = poison
+    results = []
+    for windows in (clean, bad, clean):
+        before = [p.detach().clone() for p in trainer.model[0].parameters()]
+        micro = [from_token_windows(layout, windows[i:i + 2], cfg.tidar.mask_token_id) for i in (0, 2)]
+        m = trainer.train_step(micro)
+        changed = any(not torch.equal(b, p) for b, p in zip(before, trainer.model[0].parameters())
+                      if torch.isfinite(b).all())
+        results.append((m["skipped"], changed, trainer.scheduler.num_steps))
+    return results
+
+
+def test_non_finite_step_is_skipped(corpus, tmp_path):
+    args = _args(corpus, tmp_path, "--train.train_steps", "10", "--parallel.use_distributed_optimizer", "false",
+                 "--train.lr_warmup_steps", "0")
+    (skipped1, changed1, n1), (skipped2, changed2, n2), (skipped3, changed3, n3) = run_on_ranks(1, _nan_steps, args)[0]
+    assert not skipped1 and changed1
+    assert skipped2 and not changed2 and n2 == n1
+    assert not skipped3 and changed3 and n3 == n1 + 1
+
+
+def test_diverging_run_stops_with_a_clear_message(corpus, tmp_path):
+    args = _args(corpus, tmp_path, "--train.train_steps", "20", "--train.lr", "1e30", "--train.lr_warmup_steps", "0",
+                 "--train.lr_decay_style", "constant", "--train.min_lr", "0", "--train.clip_grad", "0",
+                 "--train.max_nan_skips", "2")
+    with pytest.raises(AssertionError, match=r"consecutive non-finite steps \(train.max_nan_skips=2\)"):
+        run_on_ranks(1, _run_train, args)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--parallel.tensor_parallel", "3"], "num_attention_heads"),
+    (["--train.global_batch_size", "6", "--train.micro_batch_size", "4"], "global_batch_size"),
+    (["--parallel.pipeline_parallel", "4", "--model.num_layers", "2"], "num_layers"),
+])
+def test_impossible_layouts_fail_before_process_groups(overrides, message):
+    from tidar_megatron.distributed import validate_layout
+
+    cfg = load_config("tiny", overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate_layout(cfg, world_size=cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+
+
+def test_train_command_reports_config_errors_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tidar_megatron.train", "--config", "tiny",
+                           "--model.attention_backend", "nope"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "attention_backend" in proc.stderr
+
+
+@pytest.mark.slow
+def test_training_lowers_validation_loss_of_both_halves(corpus, tmp_path):
+    args = _args(corpus, tmp_path, "--train.train_steps", "60", "--train.eval_interval", "10",
+                 "--train.eval_iters", "2", "--train.lr", "3e-3")
+    _, info = run_on_ranks(1, _run_train, args)[0]
+    # The loop records validation after step 10 and the final one after step 60 (info["valid"]).
+    first = _first_validation(tmp_path / "train.log")
+    assert info["valid"]["loss_ar"] < first["loss_ar"] - 0.3
+    assert info["valid"]["loss_diff"] < first["loss_diff"] - 0.3
+
+
+def _first_validation(log_path):
+    import json
+
+    for line in log_path.read_text().splitlines():
+        if "validation:" in line:
+            return json.loads(line.split("validation:", 1)[1])
+    raise AssertionError(f"no validation line in {log_path}")
