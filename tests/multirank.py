@@ -47,7 +47,8 @@ def run_on_ranks(world_size: int, body, *args, timeout: float = 600):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, body, args, queue), daemon=True)
+    # Not daemonic: dist_checkpointing starts writer processes of its own.
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, body, args, queue))
              for r in range(world_size)]
     for p in procs:
         p.start()

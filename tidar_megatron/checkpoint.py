@@ -78,12 +78,43 @@ def _layout_of(cfg) -> tuple:
     return (p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, world)
 
 
+def _prepare_optimizer_for_load(optimizer):
+    """Work around two gaps of megatron-core 0.19's DistributedOptimizer without apex/TE (torch Adam):
+    it cannot describe itself before its first step (state_dict asserts one 'step' value), so give it the
+    dummy state it would create itself later in its own load path; and its loaders drop torch Adam's
+    per-parameter 'step' tensor (restored separately from the common state) yet then look it up, so mark
+    it as absent (None entries are skipped by the copy)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is None:
+            continue
+        if not opt.optimizer.state:
+            init()
+        if not getattr(opt, "_tidar_step_patch", False):
+            setter = opt._set_main_param_and_optimizer_states
+            opt._set_main_param_and_optimizer_states = (
+                lambda model_param, tensors, _set=setter: _set(model_param, {"step": None, **tensors}))
+            opt._tidar_step_patch = True
+
+
+def _unshare_adam_steps(optimizer):
+    """A third gap on the same path: DistributedOptimizer.load_state_dict gives every parameter the *same*
+    'step' tensor, which torch Adam then increments in place once per parameter per step, corrupting the
+    bias correction after a resume.  Give each parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in getattr(opt, "optimizer", opt).state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
 def _sharded_state(trainer, is_loading: bool, with_rng: bool) -> dict:
     model_state = _model_state(trainer.model, prefix_chunks=len(trainer.model) > 1)
     merged_model = {}
     for v in model_state.values():
         merged_model.update(v)
     state = dict(model_state)
+    if is_loading:
+        _prepare_optimizer_for_load(trainer.optimizer)
     state["optimizer"] = trainer.optimizer.sharded_state_dict(merged_model, is_loading=is_loading,
                                                               metadata=_OPT_METADATA)
     if with_rng:
@@ -165,6 +196,7 @@ def load(trainer, path: str | Path) -> dict:
         for i, c in enumerate(chunks):
             c.load_state_dict(loaded[f"model{i}"])
     trainer.optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(trainer.optimizer)
     trainer.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])
