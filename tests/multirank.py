@@ -43,15 +43,26 @@ def _worker(rank, world_size, port, body, args, queue):
             pass
 
 
-def run_on_ranks(world_size: int, body, *args, timeout: float = 600):
+def run_on_ranks(world_size: int, body, *args, timeout: float = 600, env: dict | None = None):
+    """`env`: extra environment variables for the ranks only (e.g. TRITON_INTERPRET=1, which must be set
+    before triton is first imported)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
     # Not daemonic: dist_checkpointing starts writer processes of its own.
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, body, args, queue))
              for r in range(world_size)]
-    for p in procs:
-        p.start()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        for p in procs:
+            p.start()  # a spawned child copies os.environ as it is now
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     results, errors = {}, {}
     try:
         for _ in range(world_size):

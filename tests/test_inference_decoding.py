@@ -88,13 +88,25 @@ def test_batched_prompts_of_different_lengths_match_one_at_a_time(trained):
         assert batched == [decoder.generate(p, 30, mode=mode).tokens[0] for p in prompts], mode
 
 
+def test_attending_over_the_whole_cache_changes_nothing(trained):
+    """The fixed-shape steps used under CUDA graphs: masked-out stale and unused slots have no effect."""
+    decoder, corpus = trained
+    whole_cache = with_block_size(decoder, decoder.block_size)
+    whole_cache.attend_whole_cache = True
+    prompts = [corpus[8, :5].tolist(), [3, 14, 15, 92, 65, 35, 89]]
+    for mode in ("ar", "tidar"):
+        assert whole_cache.generate(prompts, 30, mode=mode).tokens == decoder.generate(prompts, 30, mode=mode).tokens
+
+
 def fresh_prefill_cache(model, tokens):
     """Per layer (k, v) [1, n, kv_heads, head_dim] of a causal prefill of `tokens` into a new cache."""
-    layout = causal_layout(len(tokens))
-    model.setup_kv_cache(1, len(tokens))
+    n, layout = len(tokens), causal_layout(len(tokens))
+    model.drop_kv_cache()
+    model.setup_kv_cache(1, n)
     model(torch.tensor([tokens]), layout.position_ids[None], layout.dense_mask()[None],
-          torch.arange(len(tokens))[None], len(tokens))
-    return [(layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone()) for layer in model.model.layers]
+          torch.arange(n)[None], n)
+    return [(layer.self_attn.kv_cache.k[:, :n].clone(), layer.self_attn.kv_cache.v[:, :n].clone())
+            for layer in model.model.layers]
 
 
 @pytest.mark.parametrize("mode", ["tidar", "ar"])

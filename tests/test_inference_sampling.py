@@ -76,7 +76,8 @@ def exact_ar_joint(model, prompt, num_tokens, sampling):
         logits = model(prefixes, layout.position_ids.expand(len(prefixes), -1), layout.dense_mask()[None])
         next_probs = probabilities(logits[:, -1], sampling).double()  # [prefixes, V]
         joint = (joint[:, None] * next_probs).flatten()
-        prefixes = torch.cat([prefixes.repeat_interleave(vocab, 0), torch.arange(vocab).repeat(len(prefixes))[:, None]], 1)
+        next_tokens = torch.arange(vocab).repeat(len(prefixes))[:, None]
+        prefixes = torch.cat([prefixes.repeat_interleave(vocab, 0), next_tokens], 1)
     return joint
 
 

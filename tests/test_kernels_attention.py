@@ -11,10 +11,12 @@ by the GPU tests.
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from tidar_kernels.tidar_attention import tidar_attention
 from tidar_kernels.tidar_attention_triton import interpreter_active
@@ -115,6 +117,57 @@ def test_decoding_layout_matches_sdpa(prefix_len, block_size):
     q, k, v = random_qkv(2, layout.seq_len - prefix_len, layout.seq_len, 4, 2, 16, seed=2)
     errors = compare_with_reference(layout, q, k, v, q_offset=prefix_len)
     assert max(errors.values()) <= 1e-4, errors
+
+
+@needs_kernels
+def test_float16_matches_sdpa():
+    """Half precision with fp32 accumulation.  (bf16 is GPU-only: the interpreter's bf16 tl.dot is wrong.)"""
+    layout = TiDARLayout.for_training(21, 4)
+    q, k, v = random_qkv(1, layout.seq_len, layout.seq_len, 4, 2, 32, dtype=torch.float16, seed=4)
+    errors = compare_with_reference(layout, q, k, v, error=norm_relative_error)
+    assert max(errors.values()) <= 1e-2, errors
+
+
+@needs_kernels
+def test_backward_with_kv_groups_split_across_programs(monkeypatch):
+    """The dK/dV variant with one program per query head (fp32 partial sums added on the host)."""
+    import tidar_kernels.tidar_attention as attention
+    from tidar_kernels import tuning
+
+    split_only = lambda head_dim: [replace(c, split_kv_groups=True) for c in tuning.backward_dkdv_candidates(head_dim)]
+    monkeypatch.setattr(attention, "backward_dkdv_candidates", split_only)
+    monkeypatch.setattr(tuning, "_chosen", {})
+    layout = TiDARLayout.for_training(21, 4)
+    q, k, v = random_qkv(2, layout.seq_len, layout.seq_len, 6, 2, 16, seed=3)
+    errors = compare_with_reference(layout, q, k, v)
+    assert max(errors.values()) <= 1e-4, errors
+
+
+@pytest.mark.skipif(interpreter_active(), reason="compiles the GPU kernels, which the interpreter replaces")
+def test_kernels_compile_for_hopper_within_shared_memory():
+    """Without a GPU the interpreter cannot catch compiled-mode errors: compile (no launch) for sm_90 at
+    the 1p5b / 8b head dim in bf16, with the first tuning candidate of each kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tidar_kernels import tidar_attention_triton as kernels
+    from tidar_kernels import tuning
+
+    pointer_types = {name: "*bf16" for name in ("Q", "K", "V", "Out", "DO", "DQ")}
+    pointer_types.update({name: "*fp32" for name in ("LSE", "Delta", "DK", "DV")})  # split dK/dV buffers
+    pointer_types.update({name: "*i8" for name in ("KeyTileClass", "QueryTileClass")})
+    for kernel, candidates in ((kernels.tidar_attention_fwd_kernel, tuning.forward_candidates),
+                               (kernels.tidar_attention_bwd_dkdv_kernel, tuning.backward_dkdv_candidates),
+                               (kernels.tidar_attention_bwd_dq_kernel, tuning.backward_dq_candidates)):
+        config = candidates(128)[0]
+        constants = {"HEAD_DIM": 128, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "PRECISION": "tf32"}
+        signature = {name: "constexpr" if name in constants else pointer_types.get(name, "*i32")
+                     if name[0].isupper() else "fp32" if "scale" in name else "i32" for name in kernel.arg_names}
+        constexprs = {(kernel.arg_names.index(name),): value for name, value in constants.items()}
+        source = ASTSource(kernel, signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        assert compiled.metadata.shared <= 227 * 1024, (kernel.fn.__name__, compiled.metadata.shared)
 
 
 @pytest.mark.parametrize("q_shape,kv_shape,message", [
