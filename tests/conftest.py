@@ -17,3 +17,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A small tokenizer and .bin/.idx made from a few standard-library modules."""
+    import sysconfig
+
+    from tidar_megatron.data.tokenize_corpus import tokenize_corpus
+    from tidar_megatron.data.tokenizer import Tokenizer, train_sentencepiece
+
+    root = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [str(stdlib / n) for n in ("argparse.py", "textwrap.py", "json/decoder.py", "csv.py", "string.py")]
+    train_sentencepiece((Path(f).read_text() for f in files), str(root / "tok.model"), vocab_size=512)
+    tokenize_corpus(files, str(root / "corpus"), str(root / "tok.model"), workers=1, progress=False)
+    tok = Tokenizer(str(root / "tok.model"))
+    return {"prefix": str(root / "corpus"), "tokenizer": str(root / "tok.model"), "vocab": tok.vocab_size,
+            "mask": tok.mask_id}

@@ -122,6 +122,7 @@ def test_bad_input_is_reported_with_file_and_line_and_skipped(tmp_path, sp_model
         assert f"skipped {path}:{line}: {reason}" in err
     assert f"skipped {binary}:3: invalid UTF-8" in err
     assert "skipped 6 bad documents" in err
+    assert "301 docs |" in err and " tok/s | " in err and " MB/s | " in err and "ETA" in err  # progress line
     assert read_back(tmp_path / "out", Tokenizer(sp_model))[-1] == "last"
 
 
@@ -184,3 +185,12 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path, sp_model):
     for ext in (".bin", ".idx"):
         assert Path(f"{killed}{ext}").read_bytes() == Path(f"{tmp_path / 'whole'}{ext}").read_bytes()
     assert not shards.exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_json_files_are_jsonl_only_when_they_look_like_it(tmp_path, sp_model):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a_package.json").write_text('{\n  "name": "x",\n  "version": "1.0"\n}\n')  # a source file
+    write_jsonl(tree / "b_data.json", ["first", "second"])                             # Megatron's loose JSON
+    tokenize_corpus([str(tree)], str(tmp_path / "out"), sp_model, workers=1, progress=False)
+    assert read_back(tmp_path / "out", Tokenizer(sp_model)) == [(tree / "a_package.json").read_text(), "first", "second"]

@@ -41,6 +41,16 @@ def test_round_trip_is_lossless_on_unseen_source_and_awkward_text(sp_model):
         assert tok.mask_id not in ids and tok.eod_id not in ids  # reserved ids never come from text
 
 
+def test_line_cached_encoding_equals_sentencepiece(sp_model):
+    """Our encode caches per line; it must give exactly SentencePiece's ids (Megatron's, too)."""
+    tok = Tokenizer(sp_model)
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    assert tok._line_cache is not None
+    texts = [p.read_text(encoding="utf-8") for p in stdlib_sources("logging", "importlib")]
+    for text in texts + texts[:3] + [t for t in AWKWARD if "\u2581" not in t]:  # repeats hit the cache
+        assert tok.encode(text) == sp.encode(text)
+
+
 def test_indentation_gets_whitespace_pieces(sp_model):
     sp = spm.SentencePieceProcessor(model_file=sp_model)
     pieces = sp.encode("\n        return x", out_type=str)
@@ -72,7 +82,9 @@ def test_existing_sentencepiece_model_gets_mask_appended(tmp_path):
                                    model_prefix=str(tmp_path / "llama"), vocab_size=300, minloglevel=2)
     tok = Tokenizer(str(tmp_path / "llama.model"))
     assert (tok.eod_id, tok.mask_id, tok.vocab_size) == (2, 300, 301)
+    assert tok._line_cache is None  # NFKC + dummy prefix: lines are not independent, encode whole texts
     assert tok.decode(tok.encode("hello world")) == "hello world"
+    assert tok.decode(tok.encode("hello") + [tok.mask_id, tok.mask_id]) == f"hello{MASK_TOKEN}{MASK_TOKEN}"
 
 
 def test_hugging_face_directory(tmp_path):
@@ -106,3 +118,15 @@ def test_tokenizer_pickles_by_path(sp_model):
     import pickle
     tok = pickle.loads(pickle.dumps(Tokenizer(sp_model)))
     assert tok.decode(tok.encode(AWKWARD[0])) == AWKWARD[0]
+
+
+def test_train_tokenizer_command(tmp_path, capsys):
+    from tidar_megatron.data.tokenizer import main
+    (tmp_path / "docs.jsonl").write_text("\n".join(
+        '{"text": %s}' % __import__("json").dumps(p.read_text(encoding="utf-8")) for p in stdlib_sources("json")))
+    out = tmp_path / "m" / "tok.model"
+    assert main(["--input", str(tmp_path / "docs.jsonl"), "--output", str(out), "--vocab-size", "400"]) == 0
+    tok = Tokenizer(str(out))
+    assert tok.vocab_size == 400 and tok.decode(tok.encode(AWKWARD[0])) == AWKWARD[0]
+    assert main(["--input", str(tmp_path / "nothing"), "--output", str(out)]) == 1
+    assert "nothing: input not found" in capsys.readouterr().err

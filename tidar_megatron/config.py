@@ -126,6 +126,9 @@ class TrainConfig:
         _positive(self, "seq_length", "micro_batch_size", "global_batch_size", "train_steps", "log_interval")
         if min(self.eval_interval, self.eval_iters, self.max_nan_skips, self.exit_interval) < 0:
             raise ConfigError("train.eval_interval, eval_iters, max_nan_skips and exit_interval must be >= 0")
+        if not 0 <= self.lr_warmup_steps < self.train_steps:
+            raise ConfigError(f"train.lr_warmup_steps ({self.lr_warmup_steps}) must be in [0, train.train_steps="
+                              f"{self.train_steps})")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must be between 0 and train.lr ({self.lr})")
 

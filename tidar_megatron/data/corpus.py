@@ -8,6 +8,7 @@ exactly the same chunks and can reuse the ones already finished.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -59,8 +60,23 @@ def _suffixes(path: str) -> tuple[str, str]:
     return fmt, comp
 
 
+def is_compressed(path: str) -> bool:
+    return bool(_suffixes(path)[1])
+
+
+@functools.lru_cache(maxsize=None)
 def is_jsonl(path: str) -> bool:
-    return _suffixes(path)[0] in JSONL_SUFFIXES
+    """.jsonl / .ndjson, or a .json file whose first line is a JSON object (Megatron's loose JSON); other
+    .json files (package.json in a source tree) are documents like any source file."""
+    fmt = _suffixes(path)[0]
+    if fmt != ".json":
+        return fmt in JSONL_SUFFIXES
+    with open_binary(path) as f:
+        first = f.readline()
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
 
 
 def open_binary(path: str):
@@ -120,7 +136,7 @@ def plan_chunks(files: list[str], chunk_bytes: int) -> list[Chunk]:
                 flush()
             continue
         flush()
-        if _suffixes(path)[1]:
+        if is_compressed(path):
             chunks.append(Chunk((path,), disk_bytes=size, stamps=(_stamp(path),)))
             continue
         with open(path, "rb") as f:

@@ -59,7 +59,7 @@ class DaliTiDARBatches:
         @pipeline_def(batch_size=self.mb, num_threads=1, device_id=torch.cuda.current_device() if on_gpu else None,
                       prefetch_queue_depth=self.prefetch, exec_dynamic=True)
         def pipe():
-            outs = fn.external_source(source=self._batches(), num_outputs=3, batch=True, cycle="raise",
+            outs = fn.external_source(source=self._batches, num_outputs=3, batch=True, cycle="raise",
                                       dtype=[types.INT64, types.INT64, types.FLOAT])
             return tuple(o.gpu() for o in outs) if on_gpu else tuple(outs)
 

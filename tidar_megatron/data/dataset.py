@@ -12,7 +12,6 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 from torch.utils.data import DataLoader, default_collate
 
 from tidar_megatron import batch as batch_lib

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tidar_megatron.data.corpus import Chunk, DocError, InputError, find_inputs, is_jsonl, plan_chunks, \
-    read_chunk
+from tidar_megatron.data.corpus import Chunk, DocError, InputError, find_inputs, is_compressed, is_jsonl, \
+    plan_chunks, read_chunk
 from tidar_megatron.data.tokenizer import MASK_TOKEN, Tokenizer, TokenizerError
 
 MAX_ERRORS_KEPT = 100  # per shard; all are counted
 _PROGRESS_EVERY_DOCS = 256
+_PROGRESS_EVERY_BYTES = 4 << 20
 
 # Per-worker state, set by _init_worker (one tokenizer per process, loaded once).
 _worker: dict = {}
@@ -72,12 +73,17 @@ def _tokenize_chunk(job: tuple[int, Chunk, str]) -> dict:
              "errors": [], "relative_lines": len(chunk.paths) == 1 and is_jsonl(chunk.paths[0])}
     tmp_bin, tmp_idx = f"{prefix}.bin.tmp", f"{prefix}.idx.tmp"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-    pending = [0, 0, 0]  # docs, tokens, bytes not yet reported to the progress counters
+    # Progress is reported in batches (the counters take a lock).  Compressed input counts towards the
+    # ETA (which is by on-disk bytes) only when its chunk is done.
+    plain = not any(is_compressed(p) for p in chunk.paths)
+    pending = [0, 0, 0, 0]  # docs, tokens, text bytes, disk bytes
+    disk_reported = 0
     try:
         for nbytes, doc in read_chunk(chunk, _worker["text_key"]):
             stats["lines"] += 1
             stats["text_bytes"] += nbytes
             pending[2] += nbytes
+            pending[3] += nbytes if plain else 0
             if isinstance(doc, DocError):
                 if _worker["on_error"] == "fail":
                     return {**stats, "failed": [doc.path, doc.line, doc.reason]}
@@ -92,14 +98,15 @@ def _tokenize_chunk(job: tuple[int, Chunk, str]) -> dict:
             stats["tokens"] += len(ids)
             pending[0] += 1
             pending[1] += len(ids)
-            if pending[0] >= _PROGRESS_EVERY_DOCS:
-                _bump(counters, *pending, pending[2])
-                pending = [0, 0, 0]
+            if pending[0] >= _PROGRESS_EVERY_DOCS or pending[2] >= _PROGRESS_EVERY_BYTES:
+                _bump(counters, *pending)
+                disk_reported += pending[3]
+                pending = [0, 0, 0, 0]
         builder.finalize(tmp_idx)
         os.replace(tmp_bin, f"{prefix}.bin")
         os.replace(tmp_idx, f"{prefix}.idx")
         _write_json_atomic(f"{prefix}.json", stats)  # the completion marker: written last
-        _bump(counters, *pending, pending[2])
+        _bump(counters, *pending[:3], chunk.disk_bytes - disk_reported)
         return stats
     finally:
         builder.data_file.close()
@@ -123,6 +130,47 @@ def _shard_names(chunks: list[Chunk], tok: Tokenizer, text_key: str) -> list[str
         key = json.dumps([c.paths, c.start, c.end, c.stamps, tok.fingerprint, text_key])
         names.append(f"{i:06d}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
     return names
+
+
+def _prepare_shards(shard_dir: Path, chunks: list[Chunk], tok: Tokenizer, text_key: str):
+    """Shard path prefixes, and the summaries of the shards a previous run finished."""
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    names = _shard_names(chunks, tok, text_key)
+    wanted = set(names)
+    for f in shard_dir.iterdir():  # shards of another plan (changed inputs/tokenizer) or torn writes
+        if f.name.split(".")[0] not in wanted or f.name.endswith(".tmp"):
+            f.unlink()
+    prefixes = [str(shard_dir / n) for n in names]
+    done = {i: json.loads(Path(f"{p}.json").read_text()) for i, p in enumerate(prefixes)
+            if os.path.exists(f"{p}.json")}
+    return prefixes, done
+
+
+def _merge_shards(prefixes: list[str], results: dict, output_prefix: str, dtype) -> None:
+    """Concatenate the shards in input order under temporary names; .idx is renamed last, so its
+    presence means the output is complete."""
+    IndexedDatasetBuilder = _megatron_indexed().IndexedDatasetBuilder
+    out_bin, out_idx = f"{output_prefix}.bin", f"{output_prefix}.idx"
+    tmp_bin, tmp_idx = f"{out_bin}.tmp", f"{out_idx}.tmp"
+    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    # add_index runs gc.collect() per shard, ~0.5 s each with torch and megatron.core loaded; frozen
+    # objects are not scanned, which makes it cheap.
+    gc.freeze()
+    try:
+        for i, p in enumerate(prefixes):
+            if results[i]["docs"]:
+                builder.add_index(p)
+        builder.finalize(tmp_idx)
+        if os.path.exists(out_idx):
+            os.remove(out_idx)
+        os.replace(tmp_bin, out_bin)
+        os.replace(tmp_idx, out_idx)
+    finally:
+        gc.unfreeze()
+        builder.data_file.close()
+        for tmp in (tmp_bin, tmp_idx):
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 class _Progress:
@@ -158,26 +206,19 @@ def tokenize_corpus(inputs: list[str], output_prefix: str, tokenizer: str, *, te
                     max_errors_shown: int = 20) -> dict:
     """Tokenize `inputs` into `output_prefix`.bin/.idx; return the summary.  Raises InputError,
     TokenizerError or FatalDocumentError with a one-line message."""
-    DType, IndexedDatasetBuilder = _megatron_indexed().DType, _megatron_indexed().IndexedDatasetBuilder
+    DType = _megatron_indexed().DType
     if on_error not in ("skip", "fail"):
         raise InputError(f"--on-error must be 'skip' or 'fail', got {on_error!r}")
     t0 = time.time()
     tok = Tokenizer(tokenizer, mask_token)
     files = find_inputs(inputs, glob)
-    out_bin, out_idx = f"{output_prefix}.bin", f"{output_prefix}.idx"
-    if os.path.exists(out_idx) and not overwrite:
-        raise InputError(f"{out_idx}: output exists; pass --overwrite or choose another --output-prefix")
-    chunks = plan_chunks(files, int(chunk_mb * (1 << 20)))
-    shard_dir = Path(f"{output_prefix}.shards")
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    names = _shard_names(chunks, tok, text_key)
-    wanted = set(names)
-    for f in shard_dir.iterdir():  # shards of another plan (changed inputs/tokenizer) or torn writes
-        if f.name.split(".")[0] not in wanted or f.name.endswith(".tmp"):
-            f.unlink()
-    prefixes = [str(shard_dir / n) for n in names]
-    done = {i: json.loads(Path(f"{p}.json").read_text()) for i, p in enumerate(prefixes)
-            if os.path.exists(f"{p}.json")}
+    if os.path.exists(f"{output_prefix}.idx") and not overwrite:
+        raise InputError(f"{output_prefix}.idx: output exists; pass --overwrite or choose another --output-prefix")
+    # Enough chunks to keep every worker busy to the end, from the input size alone (not the worker count),
+    # so that a resumed run plans the same shards.
+    total_bytes = sum(os.path.getsize(f) for f in files)
+    chunks = plan_chunks(files, min(int(chunk_mb * (1 << 20)), max(1 << 20, total_bytes // 64)))
+    prefixes, done = _prepare_shards(Path(f"{output_prefix}.shards"), chunks, tok, text_key)
     todo = [(i, chunks[i], prefixes[i]) for i in range(len(chunks)) if i not in done]
 
     counters = mp.get_context("fork").Array("d", 4)
@@ -231,29 +272,9 @@ def tokenize_corpus(inputs: list[str], output_prefix: str, tokenizer: str, *, te
         prog.update(force=True)
         prog.close()
 
-    # Merge in input order under temporary names; .idx is renamed last, so its presence means complete.
-    tmp_bin, tmp_idx = f"{out_bin}.tmp", f"{out_idx}.tmp"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=DType.optimal_dtype(tok.vocab_size))
-    # add_index runs gc.collect() per shard, ~0.5 s each with torch and megatron.core loaded; frozen
-    # objects are not scanned, which makes it cheap.
-    gc.freeze()
-    try:
-        for i, p in enumerate(prefixes):
-            if results[i]["docs"]:
-                builder.add_index(p)
-        builder.finalize(tmp_idx)
-        if os.path.exists(out_idx):
-            os.remove(out_idx)
-        os.replace(tmp_bin, out_bin)
-        os.replace(tmp_idx, out_idx)
-    finally:
-        gc.unfreeze()
-        builder.data_file.close()
-        for tmp in (tmp_bin, tmp_idx):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    _merge_shards(prefixes, results, output_prefix, DType.optimal_dtype(tok.vocab_size))
     if not keep_shards:
-        shutil.rmtree(shard_dir)
+        shutil.rmtree(f"{output_prefix}.shards")
 
     total = {k: sum(r[k] for r in results.values()) for k in ("docs", "tokens", "text_bytes", "error_count")}
     dt = time.time() - t0
@@ -264,7 +285,7 @@ def tokenize_corpus(inputs: list[str], output_prefix: str, tokenizer: str, *, te
         print(f"done: {total['docs']:,} documents, {total['tokens']:,} tokens, {total['text_bytes'] / 1e6:.1f} MB "
               f"in {dt:.1f}s ({total['tokens_per_s']:,.0f} tok/s, {total['mb_per_s']:.1f} MB/s); "
               f"skipped {total['error_count']} bad documents{more}; "
-              f"{len(done)}/{len(chunks)} shards reused; wrote {out_bin} and {out_idx}", file=sys.stderr)
+              f"{len(done)}/{len(chunks)} shards reused; wrote {output_prefix}.bin and .idx", file=sys.stderr)
     return total
 
 
@@ -286,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--text-key", default="text", help="JSONL key holding the document text")
     ap.add_argument("--glob", default="**/*", help="files to take from input directories, e.g. '**/*.py'")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    ap.add_argument("--chunk-mb", type=float, default=256, help="input MB per shard (unit of parallelism and resume)")
+    ap.add_argument("--chunk-mb", type=float, default=256, help="at most this many input MB per shard (the unit of parallelism and resume)")
     ap.add_argument("--on-error", choices=("skip", "fail"), default="skip")
     ap.add_argument("--mask-token", default=MASK_TOKEN)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -18,6 +19,8 @@ import sentencepiece as spm
 MASK_TOKEN = "<|mask|>"
 EOD_TOKEN = "<|endoftext|>"
 META_SPACE = "\u2581"  # SentencePiece's stand-in for ' '; a literal one in the text would decode as ' '
+_LINES = re.compile(r"\n|[^\n]+")
+_LINE_CACHE_MAX = 1 << 20  # entries; cleared when full
 
 
 class TokenizerError(Exception):
@@ -65,6 +68,22 @@ def _fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _lines_are_independent(path: Path, sp) -> bool:
+    """True when encoding line by line gives exactly the ids of encoding the whole text: the normaliser
+    is the identity (nothing rewritten across a newline, no dummy prefix per piece of text) and no piece
+    but "\n" itself contains a newline, so no BPE merge can cross one."""
+    try:
+        from sentencepiece import sentencepiece_model_pb2
+    except ImportError:  # needs protobuf; without it, encode whole texts
+        return False
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(path.read_bytes())
+    norm = proto.normalizer_spec
+    if norm.name != "identity" or norm.add_dummy_prefix or norm.remove_extra_whitespaces:
+        return False
+    return not any("\n" in piece and piece != "\n" for piece in map(sp.id_to_piece, range(sp.get_piece_size())))
+
+
 class Tokenizer:
     """encode / decode / eod_id / mask_id / vocab_size over a SentencePiece model or a HF tokenizer dir.
 
@@ -106,11 +125,13 @@ class Tokenizer:
         found = sp.piece_to_id(self.mask_token)
         self.mask_id = found if found != sp.unk_id() or self.mask_token == sp.id_to_piece(found) else base
         self.vocab_size = base + (self.mask_id == base)
+        self._base_vocab = base
         # A literal META_SPACE can only be kept through byte fallback, and splitting the text around it is
         # only safe when the model adds no dummy prefix to each piece of text.
         byte_ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode()]
         no_prefix = sp.encode("a", out_type=str)[:1] == ["a"]
         self._meta_ids = byte_ids if no_prefix and all(sp.is_byte(i) for i in byte_ids) else None
+        self._line_cache = {} if _lines_are_independent(p, sp) else None
 
     def _load_hf(self, p: Path):
         try:
@@ -128,6 +149,7 @@ class Tokenizer:
         vocab = hf.get_vocab()
         self.mask_id = vocab.get(self.mask_token, hf.mask_token_id if hf.mask_token_id is not None else base)
         self.vocab_size = max(base, self.mask_id + 1)
+        self._base_vocab = base
 
     # --- Megatron's tokenizer interface (what GPTDatasetConfig reads) ----------------------------------
     @property
@@ -142,6 +164,25 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if self._hf is not None:
             return self._hf.encode(text, add_special_tokens=False)
+        if self._line_cache is None:
+            return self._encode_sp(text)
+        # Source code repeats whole lines (blank ones, indentation, imports, `return`); each distinct line
+        # is encoded once, and the lines missing from the cache in one call go to SentencePiece together.
+        cache = self._line_cache
+        if len(cache) > _LINE_CACHE_MAX:
+            cache.clear()
+        lines = _LINES.findall(text)
+        missing = [line for line in dict.fromkeys(lines) if line not in cache]
+        if missing:
+            encoded = ([self._encode_sp(m) for m in missing] if self._meta_ids is not None and
+                       any(META_SPACE in m for m in missing) else self._sp.encode(missing))
+            cache.update(zip(missing, encoded))
+        ids: list[int] = []
+        for line in lines:
+            ids += cache[line]
+        return ids
+
+    def _encode_sp(self, text: str) -> list[int]:
         if self._meta_ids is None or META_SPACE not in text:
             return self._sp.encode(text)
         ids: list[int] = []
@@ -154,6 +195,19 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
+        if self.mask_id < self._base_vocab or self.mask_id not in ids:
+            return self._decode_base(ids)
+        # The appended mask id is unknown to the underlying tokenizer: spell it out.
+        parts, run = [], []
+        for i in ids + [self.mask_id]:
+            if i == self.mask_id:
+                parts += [self._decode_base(run), self.mask_token]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts[:-1])
+
+    def _decode_base(self, ids: list[int]) -> str:
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return self._sp.decode(ids)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=tidar-1p5b
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --exclusive
+#SBATCH --mem=0
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@300
+#SBATCH --output=logs/%x-%j.out
+# TiDAR pretraining, the 1p5b preset (configs/1p5b.yaml), one task per GPU on 8-GPU H100 nodes.
+#   mkdir -p logs && sbatch slurm/pretrain_1p5b.sh --data.blend /data/corpus --data.tokenizer /data/tok.model
+# Submit from the repository root (or set TIDAR_HOME). Override anything: sbatch options on the command
+# line, PRESET / CKPT_DIR / CONTAINER_IMAGE / VENV / NCCL_* in the environment, trainer fields as arguments.
+# USR1 arrives 5 minutes before the time limit: the trainer saves and exits 0; --requeue lets Slurm
+# restart the job, which resumes from the checkpoint.
+# 1.5B: TP=1 (12 heads / 2 KV groups split poorly; the model fits one GPU with the distributed optimizer),
+# DP=8 per node. 1 node by default; add nodes with sbatch --nodes N.
+PRESET=${PRESET:-1p5b}
+source "${TIDAR_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
