@@ -28,9 +28,7 @@ ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=5e5, tie_word_embeddings=False)),
 }
 LAYOUTS = {"tp1": (1, 1), "tp2pp2": (2, 2)}
-# make_vocab_size_divisible_by 128 pads to 256 rows at TP=2 (128 at TP=1): the export must keep TP=2's padding.
-TRAIN = ["--model.vocab_size", str(VOCAB), "--model.make_vocab_size_divisible_by", "128",
-         "--model.add_qkv_bias", "true", "--model.tie_embeddings", "true",
+TRAIN = ["--model.vocab_size", str(VOCAB), "--model.add_qkv_bias", "true", "--model.tie_embeddings", "true",
          "--train.seq_length", str(L), "--tidar.draft_block_size", str(B), "--train.global_batch_size", "4",
          "--train.micro_batch_size", "2", "--train.lr_warmup_steps", "0", "--train.lr", "1e-2",
          "--parallel.tensor_parallel", "2", "--parallel.pipeline_parallel", "2"]
@@ -357,9 +355,14 @@ def test_mapping_round_trip_without_megatron():
     tiny = config_from_hf(hf, set(weights), base=load_config("tiny"))
     assert tiny.model == dataclasses.replace(cfg.model, make_vocab_size_divisible_by=64)
     assert (tiny.tidar.draft_block_size, tiny.train.seq_length, tiny.padded_vocab_size) == (8, 64, 128)
-    # An existing token as the mask token: the vocabulary is not extended.
+    # An existing token as the mask token: the vocabulary is not extended, and an export keeps VOCAB rows.
     existing = config_from_hf(hf, set(weights), mask_token_id=5)
     assert (existing.model.vocab_size, existing.tidar.mask_token_id) == (VOCAB, 5)
+    assert megatron_to_hf(existing, hf_to_megatron(existing, weights))["lm_head.weight"].shape == (VOCAB, 64)
+    # Re-importing exports: a new mask token is the last row; an existing one is an ordinary token.
+    for mask, rows, vocab in ((VOCAB, VOCAB + 1, VOCAB), (5, VOCAB, VOCAB)):
+        again = config_from_hf(dict(hf, vocab_size=rows, tidar_mask_token_id=mask), set(weights))
+        assert (again.model.vocab_size, again.tidar.mask_token_id) == (vocab, mask)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -207,8 +207,10 @@ def load(trainer, path: str | Path) -> dict:
 
 
 def resume(trainer, directory: str | Path) -> dict | None:
-    """Load the newest loadable checkpoint under `directory`; None when there is none."""
-    for candidate in find_resumable(directory):
+    """Load the newest loadable checkpoint under `directory`; None when there is none.  When there are
+    checkpoints but none loads, stop: silently starting over would discard the run."""
+    candidates = find_resumable(directory)
+    for candidate in candidates:
         try:
             data_state = load(trainer, candidate)
         except Exception as e:  # a corrupt checkpoint: warn and fall back to the previous one
@@ -217,6 +219,10 @@ def resume(trainer, directory: str | Path) -> dict | None:
             continue
         log.info("resumed from %s at step %d", candidate, trainer.step)
         return data_state
+    if candidates:
+        raise CheckpointError(f"{directory}: none of the checkpoints ({', '.join(c.name for c in candidates)}) "
+                              "loads with this config (see the warnings above); fix the config or use "
+                              "--checkpoint.resume none with a new --checkpoint.dir")
     return None
 
 

@@ -181,12 +181,19 @@ class Config:
         if not 0 <= self.tidar.mask_token_id <= self.model.vocab_size:
             raise ConfigError(f"tidar.mask_token_id ({self.tidar.mask_token_id}) must be a token id in "
                               f"[0, model.vocab_size={self.model.vocab_size}] (vocab_size = a new token)")
+        if self.padded_vocab_size % self.parallel.tensor_parallel:
+            raise ConfigError(f"the padded vocabulary ({self.padded_vocab_size}) must be divisible by "
+                              f"parallel.tensor_parallel ({self.parallel.tensor_parallel}): raise "
+                              "model.make_vocab_size_divisible_by")
 
     @property
     def padded_vocab_size(self) -> int:
-        """Vocabulary with the mask token, padded like Megatron pads it for TP."""
-        multiple = self.model.make_vocab_size_divisible_by * self.parallel.tensor_parallel
-        return -(-(self.model.vocab_size + 1) // multiple) * multiple
+        """The embedding rows: vocabulary plus the mask token when it is new, padded to a multiple of
+        model.make_vocab_size_divisible_by.  Unlike Megatron-LM's padding this does not depend on the TP
+        size, so a checkpoint keeps its shapes, and reshards, across layouts."""
+        rows = self.model.vocab_size + (self.tidar.mask_token_id == self.model.vocab_size)
+        multiple = self.model.make_vocab_size_divisible_by
+        return -(-rows // multiple) * multiple
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,9 +5,9 @@
 
 Both run Megatron in one CPU process at TP=1/PP=1.  That is enough for every layout: dist_checkpointing
 stores tensors by global shape (stacked layers, SwiGLU's [gate; up] and the vocab-parallel rows included),
-so a checkpoint written here loads at any TP/PP and one of any TP/PP loads here.  The one thing that
-depends on TP is the vocabulary padding (`Config.padded_vocab_size`), so the single process builds its
-model with the padding of the checkpoint's TP (`--tp` on import, the saved config on export).
+and the padded vocabulary does not depend on TP (`Config.padded_vocab_size`), so a checkpoint written here
+loads at any TP/PP and one of any TP/PP loads here.  `--tp/--pp` on import only go into the saved config and
+are checked against the architecture.
 
 The public functions run in a fresh spawned process (convert_process.py); `import_hf_local` / `export_local`
 do the work in the current process and need a single-rank Megatron session there.
@@ -68,9 +68,8 @@ def _atomic_dir(output: Path, force: bool):
 
 # --- a single-rank Megatron model ------------------------------------------------------------------
 def _single_rank(cfg: Config) -> Config:
-    """`cfg` at TP=1/PP=1 on the CPU with the same vocabulary rows as at its own TP."""
+    """`cfg` at TP=1/PP=1 on the CPU (the weights' shapes do not depend on the layout)."""
     single = from_dict(cfg.to_dict())
-    single.model.make_vocab_size_divisible_by *= cfg.parallel.tensor_parallel
     single.model.attention_backend = "local"  # weights do not depend on the backend
     single.parallel = dataclasses.replace(single.parallel, tensor_parallel=1, pipeline_parallel=1,
                                           virtual_pipeline=None, sequence_parallel=False)
@@ -264,9 +263,9 @@ def import_hf_main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="checkpoint directory to create")
     parser.add_argument("--config", help="preset or YAML to take the training settings from (default: built-in "
                         "defaults); the architecture always comes from the Hugging Face config.json")
-    parser.add_argument("--tp", type=int, help="the TP you will train at (default: the preset's): the vocabulary "
-                        "is padded for it; everything else reshards to any layout")
-    parser.add_argument("--pp", type=int, help="the PP you will train at (default: the preset's)")
+    parser.add_argument("--tp", type=int, help="the TP to write into config.yaml and check the architecture "
+                        "against (default: the preset's); the checkpoint itself loads at any layout")
+    parser.add_argument("--pp", type=int, help="the PP for config.yaml (default: the preset's)")
     parser.add_argument("--mask-token-id", type=int, help="an existing token to use as the mask token "
                         "(default: the checkpoint's tidar_mask_token_id, else a new id = vocab_size)")
     parser.add_argument("--force", action="store_true", help="replace --output if it exists")

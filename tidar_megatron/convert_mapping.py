@@ -4,10 +4,10 @@ Pure tensor code (no Megatron, no transformers), so both directions share one ta
 alone.  Megatron names are the single-rank (TP=1, PP=1) parameter names of `TiDARModel` with the local
 layer spec; dist_checkpointing reshards them to any layout.
 
-Vocabulary rows.  Megatron's embedding and output layer have `cfg.padded_vocab_size` rows (the tokenizer's
-vocabulary, the mask token, then TP padding).  An export keeps `vocab_size + 1` rows (the tokenizer's ids and
-the mask slot at id `vocab_size`) and drops the padding: padding ids stand for no token, and a serving engine
-sampling from a padded head could emit ids its tokenizer cannot decode.
+Vocabulary rows.  Megatron's embedding and output layer have `cfg.padded_vocab_size` rows: the tokenizer's
+vocabulary, the mask token when it is a new id, then padding (to a multiple that does not depend on TP).  An
+export keeps the real rows (`real_vocab_rows`) and drops the padding: padding ids stand for no token, and a
+serving engine sampling from a padded head could emit ids its tokenizer cannot decode.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ def config_from_hf(hf: dict, weight_names: set[str], tensor_parallel: int | None
         problems.append("biases on o_proj or the MLP (Megatron's layers here have q/k/v biases only)")
     if problems:
         raise ConvertError(f"{source}: cannot convert: " + "; ".join(problems))
-    # A TiDAR export has the mask token as its last row already (see `hf_config`).
+    # A TiDAR export whose mask token was a new id has it as its last row: the tokenizer's vocabulary ends before.
     exported_mask = hf.get("tidar_mask_token_id")
-    vocab = hf["vocab_size"] - (exported_mask is not None)
+    vocab = hf["vocab_size"] - (exported_mask == hf["vocab_size"] - 1)
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim") or hidden // heads
     if base is None:
@@ -78,6 +78,11 @@ def config_from_hf(hf: dict, weight_names: set[str], tensor_parallel: int | None
                                parallel=parallel)
 
 
+def real_vocab_rows(cfg: Config) -> int:
+    """Embedding rows that stand for tokens: the vocabulary and, when it is a new id, the mask token."""
+    return cfg.model.vocab_size + (cfg.tidar.mask_token_id == cfg.model.vocab_size)
+
+
 def architecture(cfg: Config) -> str:
     m = cfg.model
     if m.normalization != "RMSNorm" or m.activation != "swiglu":
@@ -94,7 +99,7 @@ def hf_config(cfg: Config, dtype: torch.dtype, eos_token_id: int | None = None) 
     m, arch = cfg.model, architecture(cfg)
     out = {
         "architectures": [ARCHITECTURES[arch]], "model_type": arch,
-        "vocab_size": m.vocab_size + 1, "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
+        "vocab_size": real_vocab_rows(cfg), "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
         "num_key_value_heads": m.num_query_groups, "head_dim": m.head_dim, "hidden_act": "silu",
         # The clean context the model was trained on; RoPE itself does not limit it.
@@ -143,7 +148,7 @@ def _vocab_to_megatron(cfg: Config, rows):
 
 
 def _vocab_to_hf(cfg: Config, rows):
-    return rows[:cfg.model.vocab_size + 1]
+    return rows[:real_vocab_rows(cfg)]
 
 
 # Transforms: (to Megatron: HF tensors -> one tensor, to HF: one tensor -> HF tensors).

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .config import Config, ConfigError, load_config
 
 log = logging.getLogger("tidar_megatron.train")
@@ -162,7 +163,7 @@ def _fmt_time(seconds: float) -> str:
 
 
 def train(cfg: Config) -> dict:
-    from . import checkpoint, distributed
+    from . import distributed
     from .trainer import build_trainer
 
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         train(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
