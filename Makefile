@@ -4,7 +4,8 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-EXTRAS ?= test
+# DALI's CPU pipelines and zstd inputs are tested too (both stay optional for users)
+EXTRAS ?= test,dali,zstd
 
 # The first interpreter that really is 3.12: python3.12 on PATH, then pyenv's versions.
 define find_python312

@@ -3,7 +3,8 @@
 Megatron runs only in spawned processes, grouped so the whole file needs four of them:
   * one rank:  import three tiny random transformers models (Qwen2 with biases and tied embeddings, Qwen3
     with QK-norm and head_dim != hidden/heads, Llama) for TP=1 and for TP=2/PP=2, logits at TP=1;
-  * four ranks (TP=2, PP=2): logits of the TP=2/PP=2 imports; a few training steps of a tiny model, saved;
+  * four ranks (TP=2, PP=2): logits of the TP=2/PP=2 imports (written by that one process, so this is
+    dist_checkpointing's resharding at work); a few training steps of a tiny model, saved;
   * `tidar-megatron export` of that checkpoint (the public path, its own process);
   * one rank: re-import of the export, exports of the imports, the error cases.
 Logits are compared on the clean (causal) half of the TiDAR sequence, fp32, rel <= 1e-5.
@@ -11,7 +12,6 @@ Logits are compared on the clean (causal) half of the TiDAR sequence, fp32, rel 
 
 import dataclasses
 import json
-import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -36,11 +36,6 @@ TRAIN = ["--model.vocab_size", str(VOCAB), "--model.add_qkv_bias", "true", "--mo
 
 def _tokens(seed=0):
     return torch.randint(0, VOCAB, (BATCH, L), generator=torch.Generator().manual_seed(seed))
-
-
-def _allow_children():
-    # dist_checkpointing's writer starts a Manager process, which run_on_ranks' daemonic ranks may not.
-    multiprocessing.current_process().daemon = False
 
 
 # --- Megatron side (runs in spawned ranks) ----------------------------------------------------------
@@ -82,7 +77,6 @@ def _import_all(rank, world_size, hf_dirs, out, tokens):
     from tidar_megatron import convert, distributed
     from tidar_megatron.config import Config
 
-    _allow_children()
     distributed.initialize(Config())
     logits = {}
     for arch, hf_dir in hf_dirs.items():
@@ -102,7 +96,6 @@ def _parallel(rank, world_size, ckpts, tokens, train_dir):
     from tidar_megatron.layout import TiDARLayout
     from tidar_megatron.trainer import build_trainer
 
-    _allow_children()
     cfg = load_config("tiny", TRAIN)
     distributed.initialize(cfg)
     imported = {}
@@ -126,7 +119,6 @@ def _roundtrip(rank, world_size, export_dir, train_dir, import_dir, out):
     from tidar_megatron.checkpoint import load_model_weights
     from tidar_megatron.config import Config, from_dict, load_config
 
-    _allow_children()
     distributed.initialize(Config())
     out = Path(out)
     result = {"exports": {}, "errors": {}}

@@ -69,8 +69,13 @@ def build_data(cfg: Config, consumed_samples: int):
         cache_dir=d.cache_dir or str(Path(cfg.checkpoint.dir) / "data_cache"), eod_mask_loss=d.eod_mask_loss)
 
     def batches(ds, consumed):
-        return TiDARBatches(ds, t.micro_batch_size, cfg.tidar.draft_block_size, cfg.tidar.mask_token_id,
-                            consumed_samples=consumed, dp_rank=dp_rank, dp_size=dp, num_workers=d.num_workers)
+        common = dict(consumed_samples=consumed, dp_rank=dp_rank, dp_size=dp)
+        args = (ds, t.micro_batch_size, cfg.tidar.draft_block_size, cfg.tidar.mask_token_id)
+        if d.loader == "dali":
+            from .data.dali_loader import DaliTiDARBatches  # raises a clear error when DALI is absent
+
+            return DaliTiDARBatches(*args, **common)
+        return TiDARBatches(*args, **common, num_workers=d.num_workers)
 
     train = batches(train_ds, consumed_samples)
     valid = (lambda: batches(valid_ds, 0)) if valid_ds is not None else None

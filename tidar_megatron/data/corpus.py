@@ -33,9 +33,6 @@ class DocError:
     line: int
     reason: str
 
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
-
 
 @dataclass(frozen=True)
 class Chunk:
@@ -46,10 +43,6 @@ class Chunk:
     end: int = -1
     disk_bytes: int = 0
     stamps: tuple[tuple[int, int], ...] = field(default=())  # (size, mtime_ns) per path, for resume
-
-    def describe(self) -> str:
-        return f"{self.paths[0]}[{self.start}:{self.end}]" if len(self.paths) == 1 else \
-            f"{self.paths[0]} .. {self.paths[-1]} ({len(self.paths)} files)"
 
 
 def _suffixes(path: str) -> tuple[str, str]:

@@ -1,0 +1,13 @@
+"""Train a SentencePiece model that is lossless for source code (see tidar_megatron.data.tokenizer)."""
+# data_prep/ (first on sys.path when run as a script) holds tokenize.py, which would shadow the standard
+# library's `tokenize` for every later import: drop the directory first (see data_prep/tokenize.py).
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+from tidar_megatron.data.tokenizer import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
