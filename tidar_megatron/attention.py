@@ -159,6 +159,23 @@ def layer_spec(backend: str, draft_block_size: int, qk_layernorm: bool, normaliz
     return spec
 
 
+def assert_te_fused_backend():
+    """After a TE forward: fail unless TE ran its fused (cuDNN) attention.  TE silently falls back to
+    unfused O(S^2) attention when no fused kernel accepts the inputs (TE issue #3006); for the TiDAR
+    bias that would be both slow and memory-hungry, so say so instead of training on."""
+    try:
+        from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention as dpa
+        selected = dict(dpa._attention_backends)
+    except (ImportError, AttributeError) as e:
+        raise BackendUnavailable(f"cannot read TransformerEngine's attention backend selection ({e}); "
+                                 "this TE version is not supported by model.attention_backend=te") from None
+    if not selected.get("use_fused_attention"):
+        chosen = "flash" if selected.get("use_flash_attention") else "unfused"
+        raise BackendUnavailable(f"TransformerEngine chose {chosen} attention for the TiDAR bias, not fused "
+                                 "(cuDNN) attention; run with NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=2 to see why, or use "
+                                 "model.attention_backend=kernel")
+
+
 def te_attention_bias(layout: TiDARLayout, dtype: torch.dtype, device) -> torch.Tensor:
     """[1, 1, S, S] post-scale bias: 0 where allowed, a large negative number elsewhere (TE's own recipe in
     docs/examples/attention/arbitrary_mask_to_post_scale_bias.py)."""

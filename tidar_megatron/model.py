@@ -82,6 +82,7 @@ class TiDARModel(GPTModel):
         )
         self.backend = backend
         self.draft_block_size = cfg.tidar.draft_block_size
+        self._te_backend_checked = False
 
     # --- RoPE at the layout's positions --------------------------------------------------------
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
@@ -108,7 +109,11 @@ class TiDARModel(GPTModel):
             else:
                 kwargs.setdefault("extra_block_kwargs", {})["attention_bias"] = attention.te_attention_bias(
                     layout, self.config.params_dtype, device)
-        return super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+        output = super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+        if self.backend == "te" and not self._te_backend_checked:
+            attention.assert_te_fused_backend()
+            self._te_backend_checked = True
+        return output
 
 
 @functools.lru_cache(maxsize=4)
