@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     t, L = cfg.train, cfg.train.seq_length
     mbs, n_micro = t.micro_batch_size, trainer.num_microbatches
     tidar_layout = TiDARLayout.for_training(L, cfg.tidar.draft_block_size)
-    causal = TiDARLayout(L, cfg.tidar.draft_block_size, (), ())  # no draft blocks: plain causal attention
+    causal = TiDARLayout.causal(L)
     dev = "cuda" if on_gpu else "cpu"
     g = torch.Generator().manual_seed(0)
 

@@ -8,7 +8,7 @@
 # Data prep as a job array, one array task per input shard (a line of $INPUTS):
 #   INPUTS=shards.txt OUTPUT=data/corpus TOKENIZER=tok.model \
 #     sbatch --array=0-$(($(wc -l < shards.txt) - 1)) slurm/tokenize.sh [tokenize.py options]
-# Each task writes ${OUTPUT}_NNNNN.bin/.idx; train on all of them with --data.blend <prefix> <prefix> ...
+# Each task writes ${OUTPUT}_NNNNN.bin/.idx; train on all of them with --data.blend '[prefix_00000, ...]'.
 # A rerun of a failed array task resumes where it stopped (tokenize.py is restartable).
 set -euo pipefail
 cd "${TIDAR_HOME:-${SLURM_SUBMIT_DIR:-.}}"

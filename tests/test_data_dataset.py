@@ -5,7 +5,8 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-from tidar_megatron.data.dataset import TiDARBatches, TokenIds, build_gpt_datasets, tidar_batch
+from tidar_megatron.batch import from_gpt_batch
+from tidar_megatron.data.dataset import TiDARBatches, TokenIds, build_gpt_datasets
 from tidar_megatron.layout import TiDARLayout
 
 EOD, VOCAB, MASK = 1, 500, 500
@@ -43,7 +44,7 @@ def test_tidar_batch_is_the_layout_construction(corpora, tmp_path):
     train = build(corpora, tmp_path)[0]
     clean = torch.utils.data.default_collate([train[i] for i in range(3)])
     clean["loss_mask"][1, 5] = 0  # a masked AR label must also mask the diffusion target it equals
-    batch = tidar_batch(clean, TiDARLayout.for_training(SEQ, BLOCK), MASK)
+    batch = from_gpt_batch(TiDARLayout.for_training(SEQ, BLOCK), clean, MASK)
 
     tokens, labels, loss_mask = clean["tokens"], clean["labels"], clean["loss_mask"]
     # Independent reference: L clean tokens then L masks at the same positions; the AR half predicts the

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tidar_megatron.inference.decoding import Decoder, causal_layout
+from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.inference.hf_checkpoint import load_hf_model, save_weights
 from tidar_megatron.inference.toy_training import repetitive_corpus, tiny_hf_checkpoint, train_tidar
 
@@ -100,7 +101,7 @@ def test_attending_over_the_whole_cache_changes_nothing(trained):
 
 def fresh_prefill_cache(model, tokens):
     """Per layer (k, v) [1, n, kv_heads, head_dim] of a causal prefill of `tokens` into a new cache."""
-    n, layout = len(tokens), causal_layout(len(tokens))
+    n, layout = len(tokens), TiDARLayout.causal(len(tokens))
     model.drop_kv_cache()
     model.setup_kv_cache(1, n)
     model(torch.tensor([tokens]), layout.position_ids[None], layout.dense_mask()[None],

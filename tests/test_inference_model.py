@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from tidar_megatron.inference.decoding import Decoder, causal_layout
+from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.inference.hf_checkpoint import load_hf_model
 from tidar_megatron.inference.toy_training import tiny_hf_checkpoint
 
@@ -46,7 +47,7 @@ def test_logits_match_transformers(checkpoint):
     path, reference = checkpoint
     model, _ = load_hf_model(path)
     tokens = torch.randint(0, 128, (2, 80), generator=torch.Generator().manual_seed(0))
-    layout = causal_layout(tokens.shape[1])
+    layout = TiDARLayout.causal(tokens.shape[1])
     with torch.no_grad():
         expected = reference(tokens).logits
         got = model(tokens, layout.position_ids.expand(2, -1), layout.dense_mask()[None])

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from tidar_megatron.inference.decoding import Decoder, causal_layout
+from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.inference.sampling import SamplingConfig, probabilities, verify_drafts
 from tidar_megatron.inference.toy_training import tiny_hf_checkpoint
 
@@ -72,7 +73,7 @@ def exact_ar_joint(model, prompt, num_tokens, sampling):
     joint = torch.ones(1, dtype=torch.float64)
     prefixes = torch.tensor([prompt])
     for _ in range(num_tokens):
-        layout = causal_layout(prefixes.shape[1])
+        layout = TiDARLayout.causal(prefixes.shape[1])
         logits = model(prefixes, layout.position_ids.expand(len(prefixes), -1), layout.dense_mask()[None])
         next_probs = probabilities(logits[:, -1], sampling).double()  # [prefixes, V]
         joint = (joint[:, None] * next_probs).flatten()

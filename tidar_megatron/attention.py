@@ -23,7 +23,6 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.utils import divide
 
 from .layout import TiDARLayout
 
@@ -35,7 +34,8 @@ class BackendUnavailable(RuntimeError):
 @functools.lru_cache(maxsize=8)
 def training_layout(seq_len: int, block_size: int) -> TiDARLayout:
     if seq_len % 2:
-        raise ValueError(f"a TiDAR training sequence has even length 2L, got {seq_len}")
+        raise ValueError(f"a TiDAR training sequence is 2L long (clean tokens, then as many mask tokens), got "
+                         f"{seq_len}; build batches with tidar_megatron.batch.tidar_batch")
     return TiDARLayout.for_training(seq_len // 2, block_size)
 
 
@@ -46,10 +46,7 @@ class _LayoutAttention(MegatronModule):
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, draft_block_size: int = 16):
         super().__init__(config=config)
-        tp = pg_collection.tp.size() if pg_collection is not None else 1
-        self.heads = divide(config.num_attention_heads, tp)
-        self.head_dim = config.kv_channels
-        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.draft_block_size = draft_block_size
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -149,7 +146,10 @@ def layer_spec(backend: str, draft_block_size: int, qk_layernorm: bool, normaliz
     spec = copy.deepcopy(spec)
     attn = spec.submodules.self_attention
     if backend == "local":
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
         attn.params["attn_mask_type"] = AttnMaskType.arbitrary
+        attn.submodules.core_attention = DotProductAttention  # Megatron's own, also under the TE layer
     elif backend == "te":
         attn.params["attn_mask_type"] = AttnMaskType.no_mask  # the mask travels as attention_bias
     else:
@@ -176,9 +176,10 @@ def assert_te_fused_backend():
                                  "model.attention_backend=kernel")
 
 
+@functools.lru_cache(maxsize=4)
 def te_attention_bias(layout: TiDARLayout, dtype: torch.dtype, device) -> torch.Tensor:
     """[1, 1, S, S] post-scale bias: 0 where allowed, a large negative number elsewhere (TE's own recipe in
-    docs/examples/attention/arbitrary_mask_to_post_scale_bias.py)."""
+    docs/examples/attention/arbitrary_mask_to_post_scale_bias.py).  Cached: the same for every step."""
     neg = -(2.0 ** 50) if dtype == torch.bfloat16 else -(2.0 ** 15)
     keep = layout.dense_mask(device)[None, None]
     return torch.where(keep, 0.0, neg).to(dtype)

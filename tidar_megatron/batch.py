@@ -23,6 +23,11 @@ def tidar_batch(layout: TiDARLayout, tokens: torch.Tensor, labels: torch.Tensor,
     }
 
 
+def from_gpt_batch(layout: TiDARLayout, gpt_batch: dict, mask_token_id: int) -> dict[str, torch.Tensor]:
+    """A collated megatron-core GPTDataset batch (tokens, labels, loss_mask: [b, L]) -> a TiDAR batch."""
+    return tidar_batch(layout, gpt_batch["tokens"], gpt_batch["labels"], mask_token_id, gpt_batch["loss_mask"])
+
+
 def from_token_windows(layout: TiDARLayout, windows: torch.Tensor, mask_token_id: int) -> dict[str, torch.Tensor]:
     """[b, L+1] token windows (inputs plus the next token) -> a TiDAR batch, every target counted."""
     return tidar_batch(layout, windows[:, :-1], windows[:, 1:], mask_token_id)

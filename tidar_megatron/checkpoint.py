@@ -143,8 +143,9 @@ def save(trainer, directory: str | Path, data_state: dict, keep_last: int | None
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_latest(directory, name)
-        if keep_last:
-            for old in list_checkpoints(directory)[:-keep_last]:
+        if keep_last:  # prune only older steps: newer ones may belong to a run this one rolled back from
+            older = [c for c in list_checkpoints(directory) if c.name < name]
+            for old in older[:max(len(older) - (keep_last - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()
     return final

@@ -6,7 +6,7 @@ grad clipping and the distributed optimizer, `torch.cuda.synchronize` in checkpo
 module maps exactly those onto the CPU so that the quickstart and the test suite exercise the same
 Megatron-core model, DDP, optimizer, schedules and dist_checkpointing as a GPU run, over gloo.
 
-It is switched on by `enable()` only when no CUDA device is present (or the user asks for CPU), logs one
+It is switched on by `enable()` only when no CUDA device is present (or --train.device cpu asks for it), logs one
 line, and refuses to activate when CUDA is available: nothing here may ever run on a GPU.
 """
 
@@ -89,10 +89,6 @@ def _set_cpu_rng_state(state, *args, **kwargs):
     torch.set_rng_state(state)
 
 
-def is_active() -> bool:
-    return _ACTIVE
-
-
 def enable(reason: str = "no CUDA device found", requested: bool = False) -> bool:
     """Switch the CPU compatibility layer on (idempotent). Returns True if it is active.
 
@@ -102,7 +98,7 @@ def enable(reason: str = "no CUDA device found", requested: bool = False) -> boo
     if _ACTIVE:
         return True
     if torch.cuda.is_available() and not requested:
-        raise RuntimeError("tidar_megatron.cpu_compat is only enabled without CUDA or with --device cpu")
+        raise RuntimeError("tidar_megatron.cpu_compat is only enabled without CUDA or with --train.device cpu")
     import megatron.core.tensor_parallel.random as mrandom
 
     cuda = torch.cuda
@@ -139,11 +135,11 @@ def maybe_enable(device: str = "auto") -> str:
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be one of auto, cuda, cpu; got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but no CUDA device is available; use --device cpu")
+        raise RuntimeError("device=cuda was requested but no CUDA device is available; use --train.device cpu")
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return "cuda"
     if device == "cpu":
-        enable("requested with --device cpu", requested=True)
+        enable("requested with --train.device cpu", requested=True)
     else:
         enable("no CUDA device found")
     return "cpu"

@@ -16,10 +16,16 @@ from .config import Config, ConfigError
 def _env_rank_world() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's variables, else Slurm's, else a single process."""
     if "RANK" in os.environ:
+        if "WORLD_SIZE" not in os.environ:
+            raise ConfigError("RANK is set but WORLD_SIZE is not: launch with torchrun, or set both")
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0))
     return 0, 1, 0
+
+
+def env_world_size() -> int:
+    return _env_rank_world()[1]
 
 
 def initialize(cfg: Config, timeout_minutes: int = 30) -> str:
@@ -59,7 +65,8 @@ def validate_layout(cfg: Config, world_size: int):
         problems.append(f"model.num_attention_heads ({m.num_attention_heads}) and model.num_query_groups "
                         f"({m.num_query_groups}) must be divisible by parallel.tensor_parallel ({p.tensor_parallel})")
     if m.ffn_hidden_size % p.tensor_parallel:
-        problems.append(f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by parallel.tensor_parallel")
+        problems.append(f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by parallel.tensor_parallel "
+                        f"({p.tensor_parallel})")
     layers_per_stage = p.pipeline_parallel * (p.virtual_pipeline or 1)
     if m.num_layers % layers_per_stage:
         problems.append(f"model.num_layers ({m.num_layers}) must be divisible by pipeline_parallel x "

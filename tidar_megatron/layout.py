@@ -32,6 +32,11 @@ import torch
 TILE_SKIP, TILE_PARTIAL, TILE_FULL = 0, 1, 2
 
 
+def _visible(query, key, clean_end, block_lo, block_hi):
+    """The rule itself, on the per-row arrays: the clean prefix [0, clean_end), then the own block."""
+    return (key < clean_end[query]) | ((key >= block_lo[query]) & (key < block_hi[query]))
+
+
 @dataclass(frozen=True)
 class TiDARLayout:
     clean_len: int
@@ -44,10 +49,12 @@ class TiDARLayout:
             raise ValueError(f"TiDAR layout needs clean_len >= 1 and block_size >= 1, "
                              f"got clean_len={self.clean_len}, block_size={self.block_size}")
         if len(self.block_starts) != len(self.block_ends):
-            raise ValueError("block_starts and block_ends must have the same length")
+            raise ValueError(f"TiDAR layout: {len(self.block_starts)} block starts but {len(self.block_ends)} "
+                             "block ends; give one (start, end) pair per draft block")
         for s, e in zip(self.block_starts, self.block_ends):
             if not (0 <= s < e and e - s <= self.block_size):
-                raise ValueError(f"invalid draft block [{s}, {e}) for block_size={self.block_size}")
+                raise ValueError(f"TiDAR layout: draft block [{s}, {e}) is empty, negative or longer than "
+                                 f"block_size={self.block_size}")
 
     @classmethod
     def for_training(cls, clean_len: int, block_size: int) -> "TiDARLayout":
@@ -55,6 +62,16 @@ class TiDARLayout:
         starts = tuple(range(0, clean_len, block_size))
         ends = tuple(min(s + block_size, clean_len) for s in starts)
         return cls(clean_len, block_size, starts, ends)
+
+    @classmethod
+    def causal(cls, num_tokens: int) -> "TiDARLayout":
+        """No draft blocks: plain causal attention (AR decoding, AR baselines)."""
+        return cls(num_tokens, 1, (), ())
+
+    @classmethod
+    def for_prefill(cls, prompt_len: int, block_size: int) -> "TiDARLayout":
+        """Decoding's first pass: the prompt, then one block drafting the positions right after it."""
+        return cls(prompt_len, block_size, (prompt_len,), (prompt_len + block_size,))
 
     @classmethod
     def for_decoding(cls, prefix_len: int, block_size: int) -> "TiDARLayout":
@@ -116,7 +133,7 @@ class TiDARLayout:
         clean_end, block_lo, block_hi = self.row_ranges
         if isinstance(query, torch.Tensor) and query.device != clean_end.device:
             clean_end, block_lo, block_hi = (t.to(query.device) for t in (clean_end, block_lo, block_hi))
-        return (key < clean_end[query]) | ((key >= block_lo[query]) & (key < block_hi[query]))
+        return _visible(query, key, clean_end, block_lo, block_hi)
 
     # --- derived forms ---------------------------------------------------------------------------
     def dense_mask(self, device=None) -> torch.Tensor:
@@ -133,17 +150,17 @@ class TiDARLayout:
         clean_end, block_lo, block_hi = (t.to(device) for t in self.row_ranges)
 
         def tidar_mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx < clean_end[q_idx]) | ((kv_idx >= block_lo[q_idx]) & (kv_idx < block_hi[q_idx]))
+            return _visible(q_idx, kv_idx, clean_end, block_lo, block_hi)
 
         return tidar_mask_mod
 
-    def tile_classes(self, tile_q: int, tile_k: int, num_keys: int | None = None) -> torch.Tensor:
+    def tile_classes(self, tile_q: int, tile_k: int) -> torch.Tensor:
         """[ceil(S/tile_q), ceil(K/tile_k)] int8 of TILE_SKIP / TILE_PARTIAL / TILE_FULL.
 
         Exact, because each row's visible keys are two intervals: a tile is FULL when every row sees all
         its keys, SKIP when no row sees any.  Rows and keys past the end (ragged last tiles) are ignored.
         """
-        n, k = self.seq_len, num_keys or self.seq_len
+        n = k = self.seq_len
         clean_end, block_lo, block_hi = self.row_ranges
         k0 = torch.arange(0, k, tile_k)
         k1 = (k0 + tile_k).clamp(max=k)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -19,7 +18,9 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .attention import BackendUnavailable
 from .config import Config, ConfigError, load_config
+from .data.tokenizer import TokenizerError
 
 log = logging.getLogger("tidar_megatron.train")
 
@@ -171,8 +172,7 @@ def train(cfg: Config) -> dict:
     from . import distributed
     from .trainer import build_trainer
 
-    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
-    distributed.validate_layout(cfg, world_size)  # before any process group starts
+    distributed.validate_layout(cfg, distributed.env_world_size())  # before any process group starts
     device = distributed.initialize(cfg)
     trainer = build_trainer(cfg, on_gpu=device == "cuda")
     rank0 = torch.distributed.get_rank() == 0
@@ -191,8 +191,13 @@ def train(cfg: Config) -> dict:
     if data_state is not None:
         progress.message(f"resumed at step {trainer.step} (consumed samples {train_iter.consumed_samples})")
     preemption = Preemption()
-    nan_streak, result = 0, {}
-    save = lambda: checkpoint.save(trainer, ckpt_dir, train_iter.state_dict(), cfg.checkpoint.keep_last)
+    nan_streak, result, last_saved = 0, {}, None
+
+    def save():
+        nonlocal last_saved
+        checkpoint.save(trainer, ckpt_dir, train_iter.state_dict(), cfg.checkpoint.keep_last)
+        last_saved = trainer.step
+
     try:
         while trainer.step < cfg.train.train_steps:
             start = time.time()
@@ -221,7 +226,7 @@ def train(cfg: Config) -> dict:
                 return dict(result, stopped_early=True, history=progress.history)
             if cfg.checkpoint.interval and trainer.step % cfg.checkpoint.interval == 0:
                 save()
-        if not (ckpt_dir / f"iter_{trainer.step:07d}").exists():
+        if last_saved != trainer.step:
             save()
         progress.message(f"done: step {trainer.step}, checkpoint {ckpt_dir / f'iter_{trainer.step:07d}'}")
         return dict(result, history=progress.history)
@@ -248,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         train(cfg)
-    except (ConfigError, FileNotFoundError, checkpoint.CheckpointError) as e:
+    except (ConfigError, FileNotFoundError, checkpoint.CheckpointError, TokenizerError, BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -2,7 +2,7 @@
 
 Samples come from the same megatron-core dataset in the same order (`ResumableBatchSampler`); DALI moves
 them through its pipeline (prefetching, and onto the GPU when CUDA is there: a CPU pipeline otherwise),
-and the doubled sequence is then built by `tidar_batch` exactly as in the default loader.
+and the doubled sequence is then built by `batch.from_gpt_batch` exactly as in the default loader.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tidar_megatron.data.dataset import ResumableBatchSampler, tidar_batch
+from tidar_megatron.batch import from_gpt_batch
+from tidar_megatron.data.dataset import ResumableBatchSampler
 from tidar_megatron.layout import TiDARLayout
 
 _KEYS = ("tokens", "labels", "loss_mask")
@@ -80,7 +81,7 @@ class DaliTiDARBatches:
         self.consumed_samples += self.mb * self.dp_size
         if self._layout is None:
             self._layout = TiDARLayout.for_training(batch["tokens"].shape[1], self.block_size)
-        return tidar_batch(batch, self._layout, self.mask_token_id)
+        return from_gpt_batch(self._layout, batch, self.mask_token_id)
 
 
 def _to_torch(tensor_list, device: str) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader, default_collate
 
-from tidar_megatron import batch as batch_lib
+from tidar_megatron.batch import from_gpt_batch
 from tidar_megatron.layout import TiDARLayout
 
 
@@ -62,11 +62,6 @@ def build_gpt_datasets(blend, split: str, sequence_length: int, seed: int, token
         eod_mask_loss=eod_mask_loss, create_attention_mask=False,  # TiDAR's mask comes from the layout
         mid_level_dataset_surplus=0.005)
     return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
-
-
-def tidar_batch(batch: dict, layout: TiDARLayout, mask_token_id: int) -> dict:
-    """Collated clean batch (tokens, labels, loss_mask: [b, L]) -> the TiDAR batch (see batch.tidar_batch)."""
-    return batch_lib.tidar_batch(layout, batch["tokens"], batch["labels"], mask_token_id, batch["loss_mask"])
 
 
 class ResumableBatchSampler:
@@ -128,4 +123,4 @@ class TiDARBatches:
         self.consumed_samples += self.mb * self.dp_size
         if self._layout is None:  # the sequence length is known once a sample is seen
             self._layout = TiDARLayout.for_training(batch["tokens"].shape[1], self._block_size)
-        return tidar_batch(batch, self._layout, self.mask_token_id)
+        return from_gpt_batch(self._layout, batch, self.mask_token_id)

@@ -29,16 +29,6 @@ from tidar_megatron.layout import TiDARLayout
 MODES = ("tidar", "ar")
 
 
-def causal_layout(num_tokens: int) -> TiDARLayout:
-    """Clean tokens only: a plain causal pass (AR prefill and AR steps)."""
-    return TiDARLayout(clean_len=num_tokens, block_size=1, block_starts=(), block_ends=())
-
-
-def prefill_layout(prompt_len: int, block_size: int) -> TiDARLayout:
-    """The prompt, then one mask block drafting the positions right after it."""
-    return TiDARLayout(prompt_len, block_size, (prompt_len,), (prompt_len + block_size,))
-
-
 def pass_inputs(layouts: list[TiDARLayout], first_rows: list[int], width: int, num_keys: int):
     """Positions, cache slots and attention mask for rows [first_row, seq_len) of each sequence's layout.
 
@@ -224,7 +214,7 @@ class Decoder:
         started, block, mask_id = time.perf_counter(), self.block_size, self.mask_token_id
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         rows = torch.arange(len(prompts), device=self.device)
-        logits = self._prefill(prompts, [mask_id] * block, [prefill_layout(len(p), block) for p in prompts])
+        logits = self._prefill(prompts, [mask_id] * block, [TiDARLayout.for_prefill(len(p), block) for p in prompts])
         token, _ = select(logits[rows, lengths - 1], sampling, generator)
         first_block = logits[rows[:, None], lengths[:, None] + torch.arange(block, device=self.device)]
         drafts, draft_probs = select(first_block[:, 1:], sampling, generator)  # its slot 0 drafts `token`
@@ -258,7 +248,7 @@ class Decoder:
         started = time.perf_counter()
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         rows = torch.arange(len(prompts), device=self.device)
-        logits = self._prefill(prompts, [], [causal_layout(len(p)) for p in prompts])
+        logits = self._prefill(prompts, [], [TiDARLayout.causal(len(p)) for p in prompts])
         token, _ = select(logits[rows, lengths - 1], sampling, generator)
         prefix = lengths  # slot of the next token to feed
         stats.sequence_passes += len(prompts)
@@ -266,7 +256,7 @@ class Decoder:
         yield StreamStep(emitted, prefix.tolist(), stats)
         while active.any():
             started = time.perf_counter()
-            layouts = [causal_layout(m + 1) for m in prefix.tolist()]
+            layouts = [TiDARLayout.causal(m + 1) for m in prefix.tolist()]
             logits = self._forward(token[:, None], layouts, prefix.tolist(), step=True)
             next_token, _ = select(logits[:, 0], sampling, generator)
             stats.sequence_passes += int(active.sum())
