@@ -30,7 +30,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/tidar-megatron quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

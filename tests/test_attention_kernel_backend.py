@@ -27,7 +27,7 @@ def _train(rank, world_size, backend):
     layout = TiDARLayout.for_training(L, B)
     g = torch.Generator().manual_seed(0)
     losses, grads = [], []
-    for _ in range(3):
+    for _ in range(2):
         windows = torch.randint(0, 64, (4, L + 1), generator=g)
         micro = [from_token_windows(layout, windows[i:i + 2], cfg.tidar.mask_token_id) for i in (0, 2)]
         m = trainer.train_step(micro)

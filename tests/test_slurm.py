@@ -1,6 +1,5 @@
-"""The Slurm launchers under a real Slurm (one node, started by slurm/local_cluster.sh; .ci/run does that):
-submit the 1.5B launcher with the tiny preset on 2 CPU tasks, then preempt a run with SIGTERM and check
-that it saved and that a resubmission resumes at the right step."""
+"""The Slurm launchers under a real Slurm (one node, started by slurm/local_cluster.sh; .ci/run does that),
+with the tiny preset on 2 CPU tasks: submission, preemption by SIGTERM, resubmission and resume."""
 
 import os
 import re
@@ -57,30 +56,23 @@ def _train_args(corpus, *extra):
 
 
 @pytest.mark.slow
-def test_launcher_trains_and_checkpoints(corpus, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    job = _submit("slurm/pretrain_1p5b.sh", tmp_path, ckpt, *_train_args(corpus, "--train.train_steps", "4"))
-    state, code = _wait(job)
-    output = (tmp_path / f"slurm-{job}.out").read_text()
-    assert state == "COMPLETED" and code == ("0", "0"), output
-    assert "preset tiny, 2 tasks" in output
-    assert (ckpt / "latest").read_text().strip() == "iter_0000004"
-    assert "step 4/4" in (ckpt / "train.log").read_text()
-
-
-@pytest.mark.slow
-def test_launcher_preemption_saves_and_resubmission_resumes(corpus, tmp_path):
+def test_launchers_train_save_on_sigterm_and_resume(corpus, tmp_path):
+    """The 1.5B launcher (tiny preset, 2 CPU tasks) is preempted mid-run with `scancel --signal=TERM`: it
+    saves and exits 0.  The 8B launcher, submitted on the same checkpoint dir, resumes at the saved step
+    and trains to the end, leaving the final checkpoint and the log."""
     ckpt = tmp_path / "ckpt"
     args = _train_args(corpus, "--train.log_interval", "1")
-    job = _submit("slurm/pretrain_8b.sh", tmp_path, ckpt, *args, "--train.train_steps", "100000")
+    job = _submit("slurm/pretrain_1p5b.sh", tmp_path, ckpt, *args, "--train.train_steps", "100000")
     log = ckpt / "train.log"
     deadline = time.time() + 300
     while time.time() < deadline and not (log.exists() and "step 2/" in log.read_text()):
         time.sleep(0.5)
-    assert log.exists() and "step 2/" in log.read_text(), (tmp_path / f"slurm-{job}.out").read_text()
+    output = tmp_path / f"slurm-{job}.out"
+    assert log.exists() and "step 2/" in log.read_text(), output.read_text()
     subprocess.run(["scancel", "--signal=TERM", job], check=True)
     state, code = _wait(job)
-    assert state == "COMPLETED" and code == ("0", "0"), (tmp_path / f"slurm-{job}.out").read_text()
+    assert state == "COMPLETED" and code == ("0", "0"), output.read_text()
+    assert "preset tiny, 2 tasks" in output.read_text()
     step = int((ckpt / "latest").read_text().strip().split("_")[1])
     assert step >= 2 and f"preempted: saved step {step}" in log.read_text()
 
@@ -89,3 +81,4 @@ def test_launcher_preemption_saves_and_resubmission_resumes(corpus, tmp_path):
     assert state == "COMPLETED" and code == ("0", "0"), (tmp_path / f"slurm-{job}.out").read_text()
     text = log.read_text()
     assert f"resumed at step {step}" in text and f"step {step + 2}/{step + 2}" in text
+    assert (ckpt / "latest").read_text().strip() == f"iter_{step + 2:07d}"
