@@ -65,6 +65,8 @@ def _reference(distributed_optimizer: bool):
 LAYOUTS = {
     "tp2": ["--parallel.tensor_parallel", "2"],
     "pp2": ["--parallel.pipeline_parallel", "2"],
+    # The memory-lean fused output projection + loss, vocab-parallel, against the unfused single rank.
+    "tp2_fused_loss": ["--parallel.tensor_parallel", "2", "--model.fused_loss", "true"],
 }
 
 

@@ -44,6 +44,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     init_method_std: float = 0.02
     attention_backend: str = "local"
+    fused_loss: bool = False              # output projection + cross-entropy in chunks (tidar_kernels)
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     make_vocab_size_divisible_by: int = 128

@@ -81,6 +81,7 @@ class TiDARModel(GPTModel):
             vp_stage=vp_stage,
         )
         self.backend = backend
+        self.fused_loss = cfg.model.fused_loss
         self.draft_block_size = cfg.tidar.draft_block_size
         self._te_backend_checked = False
 
@@ -109,11 +110,33 @@ class TiDARModel(GPTModel):
             else:
                 kwargs.setdefault("extra_block_kwargs", {})["attention_bias"] = attention.te_attention_bias(
                     layout, self.config.params_dtype, device)
+        if labels is not None and self.fused_loss:
+            kwargs["output_processor"] = self._fused_per_token_loss
         output = super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
         if self.backend == "te" and not self._te_backend_checked:
             attention.assert_te_fused_backend()
             self._te_backend_checked = True
         return output
+
+
+    def _fused_per_token_loss(self, hidden_states, output_weight, labels, config, **_):
+        """GPTModel's output hook: per-token cross-entropy [b, S] without materialising the [b, S, V]
+        logits (tidar_kernels.fused_loss), vocab-parallel under TP like Megatron's output layer."""
+        from megatron.core import tensor_parallel
+        from tidar_kernels.fused_loss import linear_cross_entropy
+
+        weight = self.output_layer.weight if output_weight is None else output_weight
+        group = self.tp_group
+        if config.sequence_parallel:  # [s/tp, b, h] -> [s, b, h]; backward reduce-scatters
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden_states, group=group)
+        else:  # identity forward; backward all-reduces the partial input gradients of the vocab shards
+            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden_states, group=group)
+        s, b, h = hidden.shape
+        tp = group.size() if group is not None else 1
+        losses = linear_cross_entropy(hidden.transpose(0, 1).reshape(b * s, h), weight, labels.reshape(-1),
+                                      tp_group=group if tp > 1 else None,
+                                      vocab_start=weight.shape[0] * (group.rank() if tp > 1 else 0))
+        return losses.view(b, s)
 
 
 @functools.lru_cache(maxsize=4)
