@@ -8,12 +8,16 @@
             cuDNN FusedAttention eligible (TE's `arbitrary` mask always falls back to unfused attention).
     kernel  our Triton block-sparse kernel (tidar_kernels), which skips fully masked tiles.
 
-Every backend takes its mask from `TiDARLayout`; `local` and `te` receive it from the model, `flex` and
-`kernel` build it from the sequence length they see (the training layout for S = 2L).
+Every backend takes its mask from a `TiDARLayout`: the training layout of the sequence length by default,
+or the layout the model is called with (`TiDARModel.forward(layout=...)`, e.g. a causal AR baseline).
+`local` and `te` receive it from the model as a mask or bias; `flex` and `kernel` read it from
+`active_layout`, which the model sets for the duration of its forward.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import functools
 import math
@@ -39,6 +43,28 @@ def training_layout(seq_len: int, block_size: int) -> TiDARLayout:
     return TiDARLayout.for_training(seq_len // 2, block_size)
 
 
+_ACTIVE_LAYOUT: contextvars.ContextVar[TiDARLayout | None] = contextvars.ContextVar("tidar_layout", default=None)
+
+
+@contextlib.contextmanager
+def using_layout(layout: TiDARLayout | None):
+    token = _ACTIVE_LAYOUT.set(layout)
+    try:
+        yield
+    finally:
+        _ACTIVE_LAYOUT.reset(token)
+
+
+def active_layout(seq_len: int, block_size: int) -> TiDARLayout:
+    """The layout of the forward in progress, else the training layout of `seq_len`."""
+    layout = _ACTIVE_LAYOUT.get()
+    if layout is None:
+        return training_layout(seq_len, block_size)
+    if layout.seq_len != seq_len:
+        raise ValueError(f"the layout covers {layout.seq_len} tokens but the sequence has {seq_len}")
+    return layout
+
+
 class _LayoutAttention(MegatronModule):
     """Core attention that derives the TiDAR mask itself.  Megatron calls it with q [s, b, np, hn] and
     k, v [s, b, ng, hn] (heads of this TP rank) and expects [s, b, np * hn]."""
@@ -53,7 +79,7 @@ class _LayoutAttention(MegatronModule):
                 packed_seq_params=None):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences are not supported by the TiDAR attention backends")
-        layout = training_layout(query.shape[0], self.draft_block_size)
+        layout = active_layout(query.shape[0], self.draft_block_size)
         out = self.attend(query, key, value, layout)  # [s, b, np, hn]
         return out.reshape(out.shape[0], out.shape[1], -1)
 

@@ -98,12 +98,12 @@ class TiDARModel(GPTModel):
         return tuple(out)
 
     # --- attention mask for the chosen backend -------------------------------------------------
-    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, **kwargs):
+    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, layout=None, **kwargs):
         """input_ids [b, S] (clean tokens then mask blocks), position_ids [S] or [b, S] from the layout,
-        labels [b, S] (optional) -> per-token cross-entropy [b, S]; without labels -> logits [b, S, V/tp]."""
-        seq_len = position_ids.shape[-1]
+        labels [b, S] (optional) -> per-token cross-entropy [b, S]; without labels -> logits [b, S, V/tp].
+        `layout`: the TiDARLayout of the sequence (default: the training layout of S = 2L tokens)."""
+        layout = layout or attention.training_layout(position_ids.shape[-1], self.draft_block_size)
         if attention_mask is None and self.backend in ("local", "te"):
-            layout = attention.training_layout(seq_len, self.draft_block_size)
             device = position_ids.device
             if self.backend == "local":
                 attention_mask = _megatron_mask(layout, device)
@@ -112,7 +112,8 @@ class TiDARModel(GPTModel):
                     layout, self.config.params_dtype, device)
         if labels is not None and self.fused_loss:
             kwargs["output_processor"] = self._fused_per_token_loss
-        output = super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+        with attention.using_layout(layout):
+            output = super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
         if self.backend == "te" and not self._te_backend_checked:
             attention.assert_te_fused_backend()
             self._te_backend_checked = True

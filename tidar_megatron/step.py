@@ -19,9 +19,9 @@ def make_forward_step(alpha: float, counts: TokenCounts, num_microbatches: int, 
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        # A batch may carry its own Megatron mask (e.g. a plain causal one for an AR baseline).
-        output = model(batch["input_ids"], batch["position_ids"], attention_mask=batch.get("attention_mask"),
-                       labels=batch["targets"])
+        # A batch may name its own layout (e.g. TiDARLayout.causal for an AR baseline).
+        output = model(batch["input_ids"], batch["position_ids"], labels=batch["targets"],
+                       layout=batch.get("layout"))
         return output, partial(loss_func, batch)
 
     return forward_step
