@@ -194,7 +194,8 @@ class Tokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
+        # Ids past the vocabulary (a model's padded embedding rows) have no text.
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         if self.mask_id < self._base_vocab or self.mask_id not in ids:
             return self._decode_base(ids)
         # The appended mask id is unknown to the underlying tokenizer: spell it out.

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from tidar_megatron.data.tokenizer import TokenizerError
+
 from tidar_megatron.inference.decoding import MODES, Decoder
 from tidar_megatron.inference.sampling import SamplingConfig
 
@@ -40,27 +42,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class Tokenizer:
-    """A sentencepiece `tokenizer.model`, or the transformers tokenizer files, of a model directory."""
+def load_tokenizer(model_dir: Path):
+    """The tokenizer training used (tidar_megatron.data.tokenizer): the directory's SentencePiece
+    `tokenizer.model`, else its Hugging Face tokenizer files."""
+    from tidar_megatron.data.tokenizer import Tokenizer
 
-    def __init__(self, model_dir: Path):
-        if (model_dir / "tokenizer.model").is_file():
-            import sentencepiece
-            sp = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model"))
-            self.encode, self._decode, self.vocab_size = sp.encode, sp.decode, sp.get_piece_size()
-        elif (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            self.encode, self.vocab_size = tokenizer.encode, len(tokenizer)
-            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-        else:
-            raise FileNotFoundError(f"{model_dir} has no tokenizer.model, tokenizer.json or "
-                                    f"tokenizer_config.json: pass token ids with --prompt-ids instead")
-
-    def decode(self, ids: list[int]) -> str:
-        # The model's vocabulary is padded past the tokenizer's (TP padding, the mask token); those ids have
-        # no text.
-        return self._decode([i for i in ids if i < self.vocab_size])
+    if (model_dir / "tokenizer.model").is_file():
+        return Tokenizer(str(model_dir / "tokenizer.model"))
+    if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
+        return Tokenizer(str(model_dir))
+    raise FileNotFoundError(f"{model_dir} has no tokenizer.model, tokenizer.json or tokenizer_config.json: "
+                            "pass token ids with --prompt-ids instead")
 
 
 def parse_ids(text: str) -> list[int]:
@@ -74,14 +66,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+    except (ValueError, FileNotFoundError, NotImplementedError, TokenizerError) as error:
         print(f"tidar-megatron generate: error: {error}", file=sys.stderr)
         return 2
 
 
 def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
-    tokenizer = Tokenizer(model_dir) if args.prompt else None
+    tokenizer = load_tokenizer(model_dir) if args.prompt else None
     prompts = [tokenizer.encode(t) for t in args.prompt] if tokenizer else [parse_ids(t) for t in args.prompt_ids]
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                    else torch.float32)
