@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 from megatron.core import parallel_state
@@ -24,6 +25,12 @@ def _env_rank_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def env_world_size() -> int:
     return _env_rank_world()[1]
 
@@ -36,7 +43,8 @@ def initialize(cfg: Config, timeout_minutes: int = 30) -> str:
     rank, world, local_rank = _env_rank_world()
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        # A lone process (quickstart, tests, conversion) takes a free port so that several can run at once.
+        os.environ.setdefault("MASTER_PORT", str(_free_port() if world == 1 else 29500))
         if device == "cuda":
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(

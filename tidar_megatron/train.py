@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         train(cfg)
-    except (ConfigError, FileNotFoundError, checkpoint.CheckpointError, TokenizerError, BackendUnavailable) as e:
+    except (ConfigError, ValueError, FileNotFoundError, checkpoint.CheckpointError, TokenizerError,
+            BackendUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

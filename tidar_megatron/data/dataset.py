@@ -61,7 +61,27 @@ def build_gpt_datasets(blend, split: str, sequence_length: int, seed: int, token
         path_to_cache=cache_dir, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss, create_attention_mask=False,  # TiDAR's mask comes from the layout
         mid_level_dataset_surplus=0.005)
+    _check_splits_have_tokens(prefixes, config.split_matrix, num_samples, split)
     return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+
+
+def _check_splits_have_tokens(prefixes, split_matrix, num_samples, split: str):
+    """Megatron loops forever building a split that has samples to give but no tokens; say so instead.
+    Document ranges are computed as Megatron's builder computes them."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix in prefixes:
+        index = IndexedDataset(prefix)
+        num_docs = len(index.document_indices) - 1
+        for name, bounds, wanted in zip(("train", "valid", "test"), split_matrix, num_samples):
+            if bounds is None or wanted == 0:
+                continue
+            beg, end = (int(round(b * num_docs)) for b in bounds)
+            seqs = index.document_indices[beg:end + 1]
+            tokens = int(index.sequence_lengths[seqs[0]:seqs[-1]].sum()) if end > beg else 0
+            if tokens == 0:
+                raise ValueError(f"data prefix {prefix}: the {name} split of data.split={split!r} holds no "
+                                 f"tokens ({num_docs} documents in all); add data or change data.split")
 
 
 class ResumableBatchSampler:
