@@ -50,15 +50,26 @@ def draw_layout(layout: TiDARLayout, path: str | Path, title: str | None = None)
     return path
 
 
+def _moving_average(values, window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def draw_losses(history: list[dict], path: str | Path, keys=("loss", "loss_ar", "loss_diff")) -> Path:
-    """Loss curves from per-step metric dicts (each with a 'step' and the keys)."""
+    """Loss curves from per-step metric dicts (each with a 'step' and the keys): raw and smoothed."""
     plt = _pyplot()
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in keys:
         points = [(h["step"], h[key]) for h in history if key in h]
-        if points:
-            ax.plot(*zip(*points), label=key)
+        if not points:
+            continue
+        steps, values = zip(*points)
+        line, = ax.plot(steps, values, alpha=0.25, lw=0.8)
+        ax.plot(steps, _moving_average(values, max(len(values) // 30, 1)), color=line.get_color(), label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats)")
     ax.legend()
