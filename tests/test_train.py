@@ -161,3 +161,15 @@ def _first_validation(log_path):
         if "validation:" in line:
             return json.loads(line.split("validation:", 1)[1])
     raise AssertionError(f"no validation line in {log_path}")
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(corpus, tmp_path):
+    """A damaged newest checkpoint is skipped with a warning; the run resumes from the one before."""
+    args = _args(corpus, tmp_path, "--checkpoint.interval", "1", "--train.train_steps", "3",
+                 "--train.lr_warmup_steps", "0")
+    run_on_ranks(1, _run_train, args)
+    for shard in (tmp_path / "iter_0000003").glob("*.distcp"):
+        shard.write_bytes(b"truncated")
+    history, _ = run_on_ranks(1, _run_train, args[:-4] + ["--train.train_steps", "4"])[0]
+    assert [s for s, *_ in history] == [3, 4]  # resumed after step 2: step 3 is trained again
+    assert "resumed at step 2" in (tmp_path / "train.log").read_text()

@@ -24,6 +24,8 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+# torch's DCP reports read failures as this BaseException subclass, which `except Exception` misses.
+from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +216,7 @@ def resume(trainer, directory: str | Path) -> dict | None:
     for candidate in candidates:
         try:
             data_state = load(trainer, candidate)
-        except Exception as e:  # a corrupt checkpoint: warn and fall back to the previous one
+        except (Exception, DCPCheckpointException) as e:  # corrupt: warn and fall back to the previous one
             log.warning("could not load %s (%s: %s); trying the previous checkpoint",
                         candidate, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             continue
@@ -239,7 +241,7 @@ def load_model_weights(model, path: str | Path):
     state = _model_state(model, prefix_chunks=len(model) > 1)
     try:
         loaded = dist_checkpointing.load(state, str(path))
-    except Exception as e:
+    except (Exception, DCPCheckpointException) as e:
         raise CheckpointError(f"{path}: does not match this model's config ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); check model.* against the "
                               "checkpoint's config") from None
