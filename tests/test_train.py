@@ -127,6 +127,8 @@ def test_diverging_run_stops_with_a_clear_message(corpus, tmp_path):
     (["--parallel.tensor_parallel", "8"], "num_attention_heads"),
     (["--train.global_batch_size", "6", "--train.micro_batch_size", "4"], "global_batch_size"),
     (["--parallel.pipeline_parallel", "4", "--model.num_layers", "2"], "num_layers"),
+    (["--parallel.pipeline_parallel", "2", "--parallel.virtual_pipeline", "2", "--model.num_layers", "4"],
+     "virtual_pipeline"),
 ])
 def test_impossible_layouts_fail_before_process_groups(overrides, message):
     from tidar_megatron.distributed import validate_layout

@@ -88,8 +88,10 @@ def validate_layout(cfg: Config, world_size: int):
     if p.sequence_parallel and not (attention.te_available() or attention.apex_available()):
         problems.append("parallel.sequence_parallel needs TransformerEngine on a GPU or NVIDIA apex (their "
                         "norms support it; torch's do not): set parallel.sequence_parallel false")
-    if p.virtual_pipeline and p.pipeline_parallel < 2:
-        problems.append("parallel.virtual_pipeline needs parallel.pipeline_parallel >= 2")
+    if p.virtual_pipeline:
+        # Interleaved 1F1B runs but does not yet match the single-rank run in our parity test.
+        problems.append("parallel.virtual_pipeline (interleaved 1F1B) is not supported yet: leave it unset "
+                        "and use parallel.pipeline_parallel alone")
     if problems:
         raise ConfigError("invalid parallel layout: " + "; ".join(problems))
     return dp
