@@ -16,12 +16,7 @@ CORPUS_TOKEN_IDS = list(range(3, 67))
 PROMPTS = [[7], [3, 14, 15, 92, 65], list(range(20, 50)), [5, 5, 5, 5, 5, 5, 5, 5, 9]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ pytest.importorskip("transformers")
 TEXT = "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun\n" * 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,7 @@ from tidar_megatron.inference.toy_training import tiny_hf_checkpoint
 SIGNIFICANCE_Z = 3.09  # one-sided normal quantile of 1 - 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_distributed_as(samples: torch.Tensor, expected: torch.Tensor):
