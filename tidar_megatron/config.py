@@ -83,7 +83,7 @@ class TiDARConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    virtual_pipeline: int | None = None   # model chunks per pipeline rank (interleaved 1F1B)
+    virtual_pipeline: int | None = None   # interleaved 1F1B chunks: not supported yet (a config error)
     context_parallel: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True

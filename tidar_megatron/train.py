@@ -185,6 +185,7 @@ def train(cfg: Config) -> dict:
         data_state = checkpoint.load(trainer, cfg.checkpoint.resume)
     if data_state is None and cfg.checkpoint.init_from:
         checkpoint.load_model_weights(trainer.model, cfg.checkpoint.init_from)
+        trainer.optimizer.reload_model_params()  # the fp32 main copies (bf16 runs) must follow the new weights
     train_iter, valid_factory = build_data(cfg, (data_state or {}).get("consumed_samples", 0))
 
     progress = Progress(cfg, trainer.step, enabled=rank0)
