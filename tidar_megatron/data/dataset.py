@@ -105,42 +105,56 @@ class ResumableBatchSampler:
         return max(0, (self.total - self.consumed) // (self.mb * self.dp_size))
 
 
-class TiDARBatches:
-    """Iterator of TiDAR micro-batches whose position is training state.
+class ResumableTiDARBatches:
+    """Iterator of TiDAR micro-batches whose position is training state (the base of every loader).
 
     `state_dict()` is {"consumed_samples": n} (all data-parallel ranks together, as in Megatron); a new
-    `TiDARBatches(..., consumed_samples=n)` or `load_state_dict` continues with the next unseen sample.
-    Prefetching workers do not disturb the count: it advances only when a batch is handed out.
+    loader with `consumed_samples=n`, or `load_state_dict`, continues with the next unseen sample.  The
+    count advances only when a batch is handed out, whatever workers or pipelines prefetched.  Subclasses
+    supply `_clean_batches()`: collated GPTDataset batches from `self.sampler()` onwards.
     """
 
     def __init__(self, dataset, micro_batch_size: int, block_size: int, mask_token_id: int,
-                 consumed_samples: int = 0, dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0):
-        self.dataset, self.mb, self.mask_token_id = dataset, micro_batch_size, mask_token_id
-        self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
+                 consumed_samples: int = 0, dp_rank: int = 0, dp_size: int = 1):
+        self.dataset, self.mb, self.block_size, self.mask_token_id = dataset, micro_batch_size, block_size, mask_token_id
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = consumed_samples
-        self._block_size = block_size
         self._layout: TiDARLayout | None = None
-        self._it = None
+        self._clean = None
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed_samples = int(state["consumed_samples"])
-        self._it = None
+        self._clean = None
+
+    def sampler(self) -> ResumableBatchSampler:
+        return ResumableBatchSampler(len(self.dataset), self.mb, self.consumed_samples, self.dp_rank, self.dp_size)
+
+    def _clean_batches(self):
+        raise NotImplementedError
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        if self._it is None:
-            sampler = ResumableBatchSampler(len(self.dataset), self.mb, self.consumed_samples,
-                                            self.dp_rank, self.dp_size)
-            loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                                collate_fn=default_collate)
-            self._it = iter(loader)
-        batch = next(self._it)
+        if self._clean is None:
+            self._clean = self._clean_batches()
+        batch = next(self._clean)
         self.consumed_samples += self.mb * self.dp_size
         if self._layout is None:  # the sequence length is known once a sample is seen
-            self._layout = TiDARLayout.for_training(batch["tokens"].shape[1], self._block_size)
+            self._layout = TiDARLayout.for_training(batch["tokens"].shape[1], self.block_size)
         return from_gpt_batch(self._layout, batch, self.mask_token_id)
+
+
+class TiDARBatches(ResumableTiDARBatches):
+    """TiDAR micro-batches through torch's DataLoader (optionally with worker processes)."""
+
+    def __init__(self, *args, num_workers: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_workers = num_workers
+
+    def _clean_batches(self):
+        return iter(DataLoader(self.dataset, batch_sampler=self.sampler(), num_workers=self.num_workers,
+                               collate_fn=default_collate))
