@@ -104,16 +104,23 @@ def _shape_key(q, k, layout, q_offset):
     return (layout.seq_len, q_offset, q.shape[2], k.shape[2], q.shape[-1], q.dtype, q.device)
 
 
+def _query_tile_launch(layout, config: TileConfig, q_offset: int, batch_heads: int, device):
+    """Tile tables, the key tiles each query tile visits, the first query tile that holds queries, and the
+    grid of a query-tile kernel (forward, dQ): one program per (query tile, batch x head)."""
+    tables = tile_tables(layout, config.block_m, config.block_n, device)
+    first_q_tile = q_offset // config.block_m
+    grid = (triton.cdiv(layout.seq_len, config.block_m) - first_q_tile, batch_heads)
+    return tables, tables.keys_of_query_tile, first_q_tile, grid
+
+
 def _forward(q, k, v, layout, softmax_scale, q_offset):
     batch, num_queries, q_heads, head_dim = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(batch, q_heads, num_queries, device=q.device, dtype=torch.float32)
 
     def launch(config: TileConfig):
-        tables = tile_tables(layout, config.block_m, config.block_n, q.device)
-        visits = tables.keys_of_query_tile
-        first_q_tile = q_offset // config.block_m
-        grid = (triton.cdiv(layout.seq_len, config.block_m) - first_q_tile, batch * q_heads)
+        tables, visits, first_q_tile, grid = _query_tile_launch(layout, config, q_offset, batch * q_heads,
+                                                                q.device)
         tidar_attention_fwd_kernel[grid](
             q, k, v, out, lse, tables.clean_end, tables.block_lo, tables.block_hi,
             visits.index, visits.tile_class, visits.count,
@@ -162,10 +169,8 @@ def _backward(q, k, v, out, lse, grad_out, layout, softmax_scale, q_offset):
                       for x in (dk, dv))
 
     def launch_dq(config: TileConfig):
-        tables = tile_tables(layout, config.block_m, config.block_n, q.device)
-        visits = tables.keys_of_query_tile
-        first_q_tile = q_offset // config.block_m
-        grid = (triton.cdiv(layout.seq_len, config.block_m) - first_q_tile, batch * q_heads)
+        tables, visits, first_q_tile, grid = _query_tile_launch(layout, config, q_offset, batch * q_heads,
+                                                                q.device)
         tidar_attention_bwd_dq_kernel[grid](
             q, k, v, grad_out, lse, delta, dq, tables.clean_end, tables.block_lo, tables.block_hi,
             visits.index, visits.tile_class, visits.count, *strides,

@@ -31,6 +31,28 @@ def _mask_partial(scores, tile_class, cols, clean_end, block_lo, block_hi, fill)
 
 
 @triton.jit
+def _query_tile_program(first_q_tile, num_q_heads, group_size):
+    """The query tile and (batch, head) owned by this program of a query-tile kernel (forward, dQ)."""
+    q_tile = first_q_tile + tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_q_heads).to(tl.int64)  # batch offsets can pass 2**31 elements
+    head = batch_head % num_q_heads
+    return q_tile, batch_head, batch, head, head // group_size
+
+
+@triton.jit
+def _query_rows(q_tile, q_offset, seq_len, CleanEnd, BlockLo, BlockHi, BLOCK_M: tl.constexpr):
+    """Layout rows of query tile `q_tile`: which are real queries (rows before `q_offset` are cached
+    prefix), their query index, and their visible key ranges (`TiDARLayout.row_ranges`)."""
+    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = (rows >= q_offset) & (rows < seq_len)
+    clean_end = tl.load(CleanEnd + rows, mask=row_ok, other=0)
+    block_lo = tl.load(BlockLo + rows, mask=row_ok, other=0)
+    block_hi = tl.load(BlockHi + rows, mask=row_ok, other=0)
+    return rows, row_ok, rows - q_offset, clean_end, block_lo, block_hi
+
+
+@triton.jit
 def tidar_attention_fwd_kernel(
     Q, K, V, Out, LSE,
     CleanEnd, BlockLo, BlockHi,
@@ -43,21 +65,12 @@ def tidar_attention_fwd_kernel(
     scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    q_tile = first_q_tile + tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = (batch_head // num_q_heads).to(tl.int64)  # batch offsets can pass 2**31 elements
-    head = batch_head % num_q_heads
-    kv_head = head // group_size
-
-    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = (rows >= q_offset) & (rows < seq_len)
-    queries = rows - q_offset
+    q_tile, batch_head, batch, head, kv_head = _query_tile_program(first_q_tile, num_q_heads, group_size)
+    rows, row_ok, queries, clean_end, block_lo, block_hi = _query_rows(
+        q_tile, q_offset, seq_len, CleanEnd, BlockLo, BlockHi, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + batch * q_stride_b + head * q_stride_h + queries[:, None] * q_stride_s + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
-    clean_end = tl.load(CleanEnd + rows, mask=row_ok, other=0)
-    block_lo = tl.load(BlockLo + rows, mask=row_ok, other=0)
-    block_hi = tl.load(BlockHi + rows, mask=row_ok, other=0)
     k_base = K + batch * k_stride_b + kv_head * k_stride_h
     v_base = V + batch * v_stride_b + kv_head * v_stride_h
 
@@ -129,12 +142,8 @@ def tidar_attention_bwd_dkdv_kernel(
     for i in range(0, tl.load(QueryTileCount + k_tile)):
         q_tile = tl.load(QueryTileIndex + table + i)
         tile_class = tl.load(QueryTileClass + table + i)
-        rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = (rows >= q_offset) & (rows < seq_len)
-        queries = rows - q_offset
-        clean_end = tl.load(CleanEnd + rows, mask=row_ok, other=0)
-        block_lo = tl.load(BlockLo + rows, mask=row_ok, other=0)
-        block_hi = tl.load(BlockHi + rows, mask=row_ok, other=0)
+        rows, row_ok, queries, clean_end, block_lo, block_hi = _query_rows(
+            q_tile, q_offset, seq_len, CleanEnd, BlockLo, BlockHi, BLOCK_M)
         for g in range(0, heads_per_split):
             head = kv_head * group_size + split * heads_per_split + g
             batch_head = batch * num_q_heads + head
@@ -171,15 +180,9 @@ def tidar_attention_bwd_dq_kernel(
     scale_log2, softmax_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    q_tile = first_q_tile + tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = (batch_head // num_q_heads).to(tl.int64)  # batch offsets can pass 2**31 elements
-    head = batch_head % num_q_heads
-    kv_head = head // group_size
-
-    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = (rows >= q_offset) & (rows < seq_len)
-    queries = rows - q_offset
+    q_tile, batch_head, batch, head, kv_head = _query_tile_program(first_q_tile, num_q_heads, group_size)
+    rows, row_ok, queries, clean_end, block_lo, block_hi = _query_rows(
+        q_tile, q_offset, seq_len, CleanEnd, BlockLo, BlockHi, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     q_offsets = batch * q_stride_b + head * q_stride_h + queries[:, None] * q_stride_s + dims[None, :]
     q = tl.load(Q + q_offsets, mask=row_ok[:, None], other=0.0)
@@ -187,9 +190,6 @@ def tidar_attention_bwd_dq_kernel(
                  mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + batch_head * num_queries + queries, mask=row_ok, other=0.0)
     delta = tl.load(Delta + batch_head * num_queries + queries, mask=row_ok, other=0.0)
-    clean_end = tl.load(CleanEnd + rows, mask=row_ok, other=0)
-    block_lo = tl.load(BlockLo + rows, mask=row_ok, other=0)
-    block_hi = tl.load(BlockHi + rows, mask=row_ok, other=0)
     k_base = K + batch * k_stride_b + kv_head * k_stride_h
     v_base = V + batch * v_stride_b + kv_head * v_stride_h
 
