@@ -85,20 +85,13 @@ def _build(cfg: Config):
 
 # --- import ---------------------------------------------------------------------------------------
 def _read_hf(hf_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+    """config.json and safetensors weights, read as the decoder reads them (inference.hf_checkpoint)."""
+    from .inference.hf_checkpoint import load_weights, read_config
 
-    if not (hf_dir / "config.json").is_file():
-        raise ConvertError(f"{hf_dir}: no config.json; pass a Hugging Face model directory with --hf")
-    index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["model.safetensors"]
-    if not all((hf_dir / f).is_file() for f in files):
-        raise ConvertError(f"{hf_dir}: no model.safetensors (or a file its index names); only safetensors "
-                           "checkpoints are read")
-    weights = {}
-    for f in files:
-        weights.update(load_file(str(hf_dir / f)))
-    return json.loads((hf_dir / "config.json").read_text()), weights
+    try:
+        return read_config(hf_dir), load_weights(hf_dir)
+    except FileNotFoundError as e:
+        raise ConvertError(f"{e}; only safetensors checkpoints are read") from None
 
 
 def import_hf_local(hf_dir, output, tensor_parallel: int | None = None, pipeline_parallel: int | None = None,

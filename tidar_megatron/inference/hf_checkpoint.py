@@ -69,7 +69,8 @@ def model_args_from_config(config: dict, weight_names: set[str]) -> ModelArgs:
         tie_word_embeddings="lm_head.weight" not in weight_names)
 
 
-def _load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All safetensors weights of a Hugging Face directory (single file or sharded with an index)."""
     index = model_dir / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
         else ["model.safetensors"]
@@ -94,7 +95,7 @@ def tidar_fields(config: dict, model_dir: Path) -> TiDARFields:
 def load_hf_model(model_dir: str | Path, dtype=torch.float32, device="cpu") -> tuple[Transformer, TiDARFields]:
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    weights = _load_weights(model_dir)
+    weights = load_weights(model_dir)
     args = model_args_from_config(config, set(weights))
     with torch.device("meta"):
         model = Transformer(args)
