@@ -27,6 +27,8 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 # torch's DCP reports read failures as this BaseException subclass, which `except Exception` misses.
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
+from .atomic import write_atomic
+
 log = logging.getLogger(__name__)
 
 _ITER = re.compile(r"^iter_(\d{7})$")
@@ -154,9 +156,7 @@ def save(trainer, directory: str | Path, data_state: dict, keep_last: int | None
 
 
 def _write_latest(directory: Path, name: str):
-    tmp = directory / ".latest.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, directory / "latest")
+    write_atomic(directory / "latest", name + "\n")
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from .atomic import atomic_path
 from .layout import TiDARLayout
 
 
@@ -18,9 +18,8 @@ def _pyplot():
 
 
 def _save(fig, path: Path):
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    os.replace(tmp, path)  # never leave a half-written picture
+    with atomic_path(path) as tmp:  # never leave a half-written picture
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
 
 
 def draw_layout(layout: TiDARLayout, path: str | Path, title: str | None = None) -> Path:

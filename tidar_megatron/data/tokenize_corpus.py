@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tidar_megatron.atomic import write_atomic
 from tidar_megatron.data.corpus import Chunk, DocError, InputError, find_inputs, is_compressed, is_jsonl, \
     plan_chunks, read_chunk
 from tidar_megatron.data.tokenizer import MASK_TOKEN, Tokenizer, TokenizerError
@@ -116,10 +117,7 @@ def _tokenize_chunk(job: tuple[int, Chunk, str]) -> dict:
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
 
 
 def _shard_names(chunks: list[Chunk], tok: Tokenizer, text_key: str) -> list[str]:

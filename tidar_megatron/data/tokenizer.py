@@ -16,6 +16,8 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from tidar_megatron.atomic import write_atomic
+
 MASK_TOKEN = "<|mask|>"
 EOD_TOKEN = "<|endoftext|>"
 META_SPACE = "\u2581"  # SentencePiece's stand-in for ' '; a literal one in the text would decode as ' '
@@ -49,10 +51,8 @@ def train_sentencepiece(texts: Iterable[str], output: str, vocab_size: int = 320
         max_sentence_length=16384, input_sentence_size=max_sentences, shuffle_input_sentence=True,
         num_threads=num_threads or os.cpu_count(),
         hard_vocab_limit=False, minloglevel=2)
-    tmp = f"{output}.tmp{os.getpid()}"
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(tmp).write_bytes(model.getvalue())
-    os.replace(tmp, output)
+    write_atomic(output, model.getvalue())
     return output
 
 
