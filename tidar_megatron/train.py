@@ -46,7 +46,7 @@ def build_data(cfg: Config, consumed_samples: int):
     """Train iterator (resumable) and a factory of fresh validation iterators."""
     from megatron.core import parallel_state as ps
 
-    from .data.dataset import TiDARBatches, TokenIds, build_gpt_datasets
+    from .data.dataset import TiDARBatches, build_gpt_datasets
     from .data.tokenizer import Tokenizer
 
     d, t = cfg.data, cfg.train
@@ -57,7 +57,6 @@ def build_data(cfg: Config, consumed_samples: int):
         tokenizer = Tokenizer(d.tokenizer)
     else:
         raise ConfigError("data.tokenizer is not set: give the tokenizer the data was tokenized with")
-    tokens_id = TokenIds(eod=tokenizer.eod, vocab_size=tokenizer.vocab_size)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
                           f"vocabulary ({tokenizer.vocab_size}, {d.tokenizer}): set --model.vocab_size "
@@ -65,7 +64,7 @@ def build_data(cfg: Config, consumed_samples: int):
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     eval_samples = t.eval_iters * t.global_batch_size * max(1, t.train_steps // max(t.eval_interval, 1) + 1)
     train_ds, valid_ds, _ = build_gpt_datasets(
-        d.blend, d.split, t.seq_length, t.seed, tokens_id,
+        d.blend, d.split, t.seq_length, t.seed, tokenizer,
         [t.train_steps * t.global_batch_size, eval_samples if t.eval_interval else None, None],
         cache_dir=d.cache_dir or str(Path(cfg.checkpoint.dir) / "data_cache"), eod_mask_loss=d.eod_mask_loss)
 
