@@ -158,8 +158,9 @@ class Decoder:
         self._check(prompts, max_new_tokens, mode)
         block = self.block_size if mode == "tidar" else 1
         longest = max(map(len, prompts))
-        # The last pass of a sequence writes up to its pending block and B mask blocks past the prefix.
-        self.model.setup_kv_cache(len(prompts), longest + max_new_tokens + block + block * block)
+        # The last pass of a sequence writes one whole decoding pass (pending block + mask blocks) past its prefix.
+        pass_len = TiDARLayout.for_decoding(0, block).seq_len
+        self.model.setup_kv_cache(len(prompts), longest + max_new_tokens + pass_len)
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         stats = DecodeStats(mode, block, acceptance_histogram=[0] * block)
         stop = _StopRule(len(prompts), max_new_tokens, self.eos_token_ids)
@@ -222,14 +223,17 @@ class Decoder:
         stats.sequence_passes += len(prompts)
         emitted, active = self._emit(stop, stats, [[t] for t in token.tolist()], started)
         yield StreamStep(emitted, prefix.tolist(), stats)
-        masks = torch.full((len(prompts), block * block), mask_id, device=self.device)
+        step_layout = TiDARLayout.for_decoding(0, block)  # the pass's shape; the prefix only shifts it
+        masks = torch.full((len(prompts), step_layout.seq_len - step_layout.clean_len), mask_id, device=self.device)
         while active.any():
             started = time.perf_counter()
             layouts = [TiDARLayout.for_decoding(m, block) for m in prefix.tolist()]
             logits = self._forward(torch.cat([pending, masks], dim=1), layouts, prefix.tolist(), step=True)
             accepted, token = verify_drafts(logits[:, :block], pending[:, 1:], draft_probs, sampling, generator)
-            # Mask block a (index a - 1) starts right after the kept tokens; its slot 0 drafts `token`.
-            chosen_block = logits[:, block:].unflatten(1, (block, block))[rows, accepted - 1]
+            # The layout's mask blocks follow the pending block in order, B rows each, one per acceptance
+            # length a = 1..B; block a starts right after the kept tokens and its slot 0 drafts `token`.
+            chosen_block = logits[:, step_layout.clean_len:].unflatten(1, (step_layout.num_blocks, block))[
+                rows, accepted - 1]
             drafts, new_draft_probs = select(chosen_block[:, 1:], sampling, generator)
             kept, accepted_list = pending.tolist(), accepted.tolist()
             new = [kept[i][1:a] + [t] for i, (a, t) in enumerate(zip(accepted_list, token.tolist()))]
