@@ -38,6 +38,7 @@ def test_dotted_overrides_are_typed():
     (["--model.num_query_groups", "3"], "must be a multiple of model.num_query_groups"),
     (["--tidar.mask_token_id", "100000"], "tidar.mask_token_id (100000)"),
     (["--parallel.context_parallel", "2"], "context_parallel > 1 is not supported"),
+    (["--parallel.virtual_pipeline", "2"], "parallel.virtual_pipeline (2) needs"),
     (["--train.lr_warmup_steps", "500"], "train.lr_warmup_steps (500)"),
     (["--model.num_layers"], "has no value"),
 ])

@@ -1,4 +1,4 @@
-"""Parallel parity: TP=2, PP=2 (1F1B, several micro-batches)
+"""Parallel parity: TP=2, PP=2 (1F1B, several micro-batches), PP=2 x VP=2 (interleaved 1F1B)
 and DP=2 with the distributed optimizer each reproduce the single-rank run's losses, gradients and
 updated parameters (fp32, rel <= 1e-5)."""
 
@@ -65,6 +65,8 @@ def _reference(distributed_optimizer: bool):
 LAYOUTS = {
     "tp2": ["--parallel.tensor_parallel", "2"],
     "pp2": ["--parallel.pipeline_parallel", "2"],
+    # Interleaved 1F1B: each rank holds two one-layer chunks (layers 0, 2 and 1, 3).
+    "pp2_vp2": ["--parallel.pipeline_parallel", "2", "--parallel.virtual_pipeline", "2"],
     # The memory-lean fused output projection + loss, vocab-parallel, against the unfused single rank.
     "tp2_fused_loss": ["--parallel.tensor_parallel", "2", "--model.fused_loss", "true"],
 }

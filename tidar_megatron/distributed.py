@@ -88,10 +88,12 @@ def validate_layout(cfg: Config, world_size: int):
     if p.sequence_parallel and not (attention.te_available() or attention.apex_available()):
         problems.append("parallel.sequence_parallel needs TransformerEngine on a GPU or NVIDIA apex (their "
                         "norms support it; torch's do not): set parallel.sequence_parallel false")
-    if p.virtual_pipeline:
-        # Interleaved 1F1B runs but does not yet match the single-rank run in our parity test.
-        problems.append("parallel.virtual_pipeline (interleaved 1F1B) is not supported yet: leave it unset "
-                        "and use parallel.pipeline_parallel alone")
+    num_micro = t.global_batch_size // max(t.micro_batch_size * dp, 1)
+    if p.virtual_pipeline and num_micro % p.pipeline_parallel:
+        # Interleaved 1F1B walks the micro-batches in groups of PP per model chunk.
+        problems.append(f"with parallel.virtual_pipeline the micro-batches per step (global_batch_size / "
+                        f"(micro_batch_size x data-parallel size) = {num_micro}) must be a multiple of "
+                        f"parallel.pipeline_parallel ({p.pipeline_parallel})")
     if problems:
         raise ConfigError("invalid parallel layout: " + "; ".join(problems))
     return dp

@@ -45,6 +45,11 @@ def transformer_config(cfg: Config, on_gpu: bool) -> TransformerConfig:
         tensor_model_parallel_size=p.tensor_parallel,
         pipeline_model_parallel_size=p.pipeline_parallel,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline,
+        # Interleaved 1F1B with unbatched p2p, as Megatron-LM runs it.  With PP=2 a rank's previous and
+        # next stage are the same peer; batched isend/irecv then paired activations with gradients (same
+        # shapes, so silently: seen over gloo), while the unbatched path orders sends by rank parity.
+        overlap_p2p_comm=bool(p.virtual_pipeline),
+        batch_p2p_comm=not p.virtual_pipeline,
         sequence_parallel=p.sequence_parallel,
         bf16=cfg.train.bf16,
         params_dtype=dtype,
