@@ -61,7 +61,9 @@ def test_launchers_train_save_on_sigterm_and_resume(corpus, tmp_path):
     saves and exits 0.  The 8B launcher, submitted on the same checkpoint dir, resumes at the saved step
     and trains to the end, leaving the final checkpoint and the log."""
     ckpt = tmp_path / "ckpt"
-    args = _train_args(corpus, "--train.log_interval", "1")
+    # Background saves every 2 steps: the preemption save must wait for one in flight and for itself.
+    args = _train_args(corpus, "--train.log_interval", "1", "--checkpoint.async_save", "true",
+                       "--checkpoint.interval", "2")
     job = _submit("slurm/pretrain_1p5b.sh", tmp_path, ckpt, *args, "--train.train_steps", "100000")
     log = ckpt / "train.log"
     deadline = time.time() + 300

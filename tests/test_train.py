@@ -49,6 +49,27 @@ def test_exact_resume_is_bitwise(corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_async_saves_capture_their_step_while_training_goes_on(corpus, tmp_path):
+    """Two data-parallel ranks save every step in the background.  Each checkpoint must hold the state of
+    its own step although training went on while it was written: resuming from step N reproduces the
+    uninterrupted run bitwise.  The plain optimizer is the sensitive case (its checkpoint references the
+    live Adam state; the distributed optimizer gathers copies).  Every save is published, older pruned."""
+    N = 2
+    run = tmp_path / "async"
+    opt = ["--parallel.use_distributed_optimizer", "false"]
+    full, _ = run_on_ranks(2, _run_train, _args(corpus, run, *opt, "--train.train_steps", str(2 * N),
+                                                "--checkpoint.interval", "1", "--checkpoint.keep_last", "3",
+                                                "--checkpoint.async_save", "true"))[0]
+    assert sorted(p.name for p in run.glob("iter_*")) == [f"iter_{s:07d}" for s in range(2, 2 * N + 1)]
+    assert (run / "latest").read_text().strip() == f"iter_{2 * N:07d}" and not list(run.glob(".tmp.*"))
+    _resume_dir_at(run, tmp_path / "resumed", N)
+    second, _ = run_on_ranks(2, _run_train, _args(corpus, tmp_path / "resumed", *opt,
+                                                  "--train.train_steps", str(2 * N)))[0]
+    assert [s for s, *_ in second] == list(range(N + 1, 2 * N + 1))
+    assert _losses(second) == {s: v for s, v in _losses(full).items() if s > N}
+
+
+@pytest.mark.slow
 def test_resharded_resume_tp2_pp2_to_single_rank_and_back(corpus, tmp_path):
     """TP=2/PP=2 trains N+2 steps saving every step (the reference).  TP=1/PP=1 resumes from its step N
     and must reproduce step N+1; TP=2/PP=2 then resumes from that single-rank checkpoint and must
@@ -67,6 +88,22 @@ def test_resharded_resume_tp2_pp2_to_single_rank_and_back(corpus, tmp_path):
                                                 "--train.train_steps", str(N + 2)))[0]
     assert [s for s, *_ in back] == [N + 2]
     torch.testing.assert_close(torch.tensor(back[0][1:]), torch.tensor(sharded[N + 1][1:]), rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_interleaved_pipeline_checkpoint_resumes_on_a_single_rank(corpus, tmp_path):
+    """PP=2 x VP=2 (two chunks per rank, saved as model0/model1) trains N+1 steps; one rank resumes from
+    its step N and reproduces step N+1."""
+    N = 2
+    common = ["--checkpoint.interval", "1", "--checkpoint.keep_last", "10", "--model.num_layers", "4"]
+    interleaved, _ = run_on_ranks(2, _run_train, _args(
+        corpus, tmp_path / "a", *common, "--parallel.pipeline_parallel", "2", "--parallel.virtual_pipeline", "2",
+        "--train.train_steps", str(N + 1)))[0]
+    _resume_dir_at(tmp_path / "a", tmp_path / "b", N)
+    single, _ = run_on_ranks(1, _run_train, _args(corpus, tmp_path / "b", *common,
+                                                  "--train.train_steps", str(N + 1)))[0]
+    assert [s for s, *_ in single] == [N + 1]
+    torch.testing.assert_close(torch.tensor(single[0][1:]), torch.tensor(interleaved[N][1:]), rtol=1e-5, atol=0)
 
 
 def _resume_dir_at(src, dst, step):
@@ -127,8 +164,10 @@ def test_diverging_run_stops_with_a_clear_message(corpus, tmp_path):
     (["--parallel.tensor_parallel", "8"], "num_attention_heads"),
     (["--train.global_batch_size", "6", "--train.micro_batch_size", "4"], "global_batch_size"),
     (["--parallel.pipeline_parallel", "4", "--model.num_layers", "2"], "num_layers"),
-    (["--parallel.pipeline_parallel", "2", "--parallel.virtual_pipeline", "2", "--model.num_layers", "4"],
-     "virtual_pipeline"),
+    (["--parallel.pipeline_parallel", "2", "--parallel.virtual_pipeline", "2", "--model.num_layers", "6"],
+     "num_layers"),
+    (["--parallel.pipeline_parallel", "2", "--parallel.virtual_pipeline", "2", "--model.num_layers", "4",
+      "--train.global_batch_size", "6", "--train.micro_batch_size", "2"], "multiple of parallel.pipeline_parallel"),
 ])
 def test_impossible_layouts_fail_before_process_groups(overrides, message):
     from tidar_megatron.distributed import validate_layout

@@ -5,7 +5,7 @@
     <dir>/.tmp.iter_...      a save in progress; never read, removed by the next save
 
 A save is written under a temporary name and renamed only when every rank has finished, then `latest` is
-replaced atomically; a checkpoint that is missing its metadata or fails to load is skipped, with a
+replaced atomically (for an async save, when the background writers of every rank have finished); a checkpoint that is missing its metadata or fails to load is skipped, with a
 warning, in favour of the previous one.  Model and optimizer tensors are sharded by their global shape,
 so a checkpoint saved at one TP/PP/DP layout loads at another.
 """
@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -113,24 +114,55 @@ def _unshare_adam_steps(optimizer):
 
 def _sharded_state(trainer, is_loading: bool, with_rng: bool) -> dict:
     model_state = _model_state(trainer.model, prefix_chunks=len(trainer.model) > 1)
-    merged_model = {}
-    for v in model_state.values():
-        merged_model.update(v)
     state = dict(model_state)
     if is_loading:
         _prepare_optimizer_for_load(trainer.optimizer)
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(merged_model, is_loading=is_loading,
+    # The nested dict as it is: the chunks' dicts share local names ("decoder.layers.0..."), so merging
+    # them would drop all but the last chunk's parameters.
+    state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
                                                               metadata=_OPT_METADATA)
     if with_rng:
         state["rng_state"] = _rng_state()
     return state
 
 
-def save(trainer, directory: str | Path, data_state: dict, keep_last: int | None = None) -> Path:
-    """Save `trainer` (all ranks call this) and publish it as `latest` once complete."""
+class AsyncSaves:
+    """Checkpoints written by a background process per rank while training goes on (megatron-core's async
+    dist_checkpointing: tensors are staged to host memory, then a forked writer saves them).  At most one
+    is in flight; it is published (renamed, `latest`) by its finalize step, which every rank reaches
+    through `poll()` (each step) or `wait()`; after an error it is never published and the next save
+removes it.  Uses nvidia-resiliency-ext's writer when installed, as
+    megatron-core recommends, else megatron-core's own."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.torch import get_async_strategy
+
+        try:
+            self.strategy, queue_cls = get_async_strategy("nvrx", "AsyncCallsQueue")
+        except ModuleNotFoundError:
+            self.strategy, queue_cls = get_async_strategy("mcore", "AsyncCallsQueue")
+        self._queue = queue_cls()
+
+    def schedule(self, request):
+        self._queue.schedule_async_request(request)
+
+    def poll(self):
+        """Publish a finished save, if any (a collective: every rank calls it)."""
+        self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self):
+        self._queue.maybe_finalize_async_calls(blocking=True)
+
+
+def save(trainer, directory: str | Path, data_state: dict, keep_last: int | None = None,
+         async_saves: AsyncSaves | None = None) -> Path:
+    """Save `trainer` (all ranks call this) and publish it as `latest` once complete.  With `async_saves`
+    this returns once the tensors are staged; the checkpoint appears when `async_saves` finalizes it."""
     directory = Path(directory)
     name = f"iter_{trainer.step:07d}"
     final, tmp = directory / name, directory / f".tmp.{name}"
+    if async_saves is not None:
+        async_saves.wait()  # one save in flight: the stale-temporary cleanup below must not remove it
     if _rank0():
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob(".tmp.iter_*"):
@@ -140,19 +172,33 @@ def save(trainer, directory: str | Path, data_state: dict, keep_last: int | None
     state = _sharded_state(trainer, is_loading=False, with_rng=True)
     state.update(scheduler=trainer.scheduler.state_dict(), step=trainer.step, data=data_state,
                  config=trainer.cfg.to_dict(), layout=_layout_of(trainer.cfg))
-    dist_checkpointing.save(state, str(tmp))
+    publish = partial(_publish, directory, name, keep_last)
+    if async_saves is None:
+        dist_checkpointing.save(state, str(tmp))
+        publish()
+    else:
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True,
+                                          async_strategy=async_saves.strategy)
+        request.add_finalize_fn(publish)  # runs after dist_checkpointing's own metadata finalize
+        async_saves.schedule(request)
+    return final
+
+
+def _publish(directory: Path, name: str, keep_last: int | None):
+    """Rename the complete temporary to its final name, point `latest` at it, prune older ones."""
     torch.distributed.barrier()
     if _rank0():
+        final = directory / name
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        os.replace(directory / f".tmp.{name}", final)
         _write_latest(directory, name)
         if keep_last:  # prune only older steps: newer ones may belong to a run this one rolled back from
             older = [c for c in list_checkpoints(directory) if c.name < name]
             for old in older[:max(len(older) - (keep_last - 1), 0)]:
                 shutil.rmtree(old, ignore_errors=True)
+        log.info("saved %s", final)
     torch.distributed.barrier()
-    return final
 
 
 def _write_latest(directory: Path, name: str):

@@ -83,7 +83,7 @@ class TiDARConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
-    virtual_pipeline: int | None = None   # interleaved 1F1B chunks: not supported yet (a config error)
+    virtual_pipeline: int | None = None   # model chunks per pipeline rank (interleaved 1F1B); None: plain 1F1B
     context_parallel: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
@@ -93,6 +93,9 @@ class ParallelConfig:
         if self.context_parallel != 1:
             raise ConfigError("parallel.context_parallel > 1 is not supported: the TiDAR mask does not follow "
                               "context parallelism's load-balanced chunking; use tensor/pipeline parallelism")
+        if self.virtual_pipeline is not None and (self.virtual_pipeline < 2 or self.pipeline_parallel < 2):
+            raise ConfigError(f"parallel.virtual_pipeline ({self.virtual_pipeline}) needs a value >= 2 and "
+                              f"parallel.pipeline_parallel >= 2 (got {self.pipeline_parallel}); unset it for plain 1F1B")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
 
@@ -153,6 +156,7 @@ class CheckpointConfig:
     dir: str = "runs/default"
     interval: int = 0                     # steps between saves (0 = only at the end and on preemption)
     keep_last: int = 3
+    async_save: bool = False              # write in a background process while training goes on
     resume: str = "auto"                  # auto: newest loadable checkpoint in dir | none | a path
     init_from: str | None = None          # weights only, e.g. a converted Hugging Face model
 

@@ -192,10 +192,14 @@ def train(cfg: Config) -> dict:
         progress.message(f"resumed at step {trainer.step} (consumed samples {train_iter.consumed_samples})")
     preemption = Preemption()
     nan_streak, result, last_saved = 0, {}, None
+    async_saves = checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None
 
-    def save():
+    def save(wait: bool = False):
+        """Periodic saves may finish in the background; the last one before exiting is waited for."""
         nonlocal last_saved
-        checkpoint.save(trainer, ckpt_dir, train_iter.state_dict(), cfg.checkpoint.keep_last)
+        checkpoint.save(trainer, ckpt_dir, train_iter.state_dict(), cfg.checkpoint.keep_last, async_saves)
+        if async_saves is not None and wait:
+            async_saves.wait()
         last_saved = trainer.step
 
     try:
@@ -203,6 +207,8 @@ def train(cfg: Config) -> dict:
             start = time.time()
             micro = [next(train_iter) for _ in range(trainer.num_microbatches)]
             metrics = trainer.train_step(micro)
+            if async_saves is not None:
+                async_saves.poll()
             if metrics["skipped"]:
                 nan_streak += 1
                 progress.message(f"step {trainer.step}: non-finite loss or gradients, update skipped "
@@ -220,7 +226,7 @@ def train(cfg: Config) -> dict:
                     {k: round(v, 4) for k, v in result["valid"].items()}))
             exit_now = bool(cfg.train.exit_interval) and trainer.step % cfg.train.exit_interval == 0
             if preemption.agreed() or exit_now:
-                save()
+                save(wait=True)
                 progress.message(f"{'exit interval' if exit_now else 'preempted'}: saved step {trainer.step} "
                                  f"to {ckpt_dir}; exiting")
                 return dict(result, stopped_early=True, history=progress.history)
@@ -228,6 +234,8 @@ def train(cfg: Config) -> dict:
                 save()
         if last_saved != trainer.step:
             save()
+        if async_saves is not None:
+            async_saves.wait()
         progress.message(f"done: step {trainer.step}, checkpoint {ckpt_dir / f'iter_{trainer.step:07d}'}")
         return dict(result, history=progress.history)
     finally:
