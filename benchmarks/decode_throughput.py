@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.inference.decoding import ATTENTION, Decoder
 from tidar_megatron.inference.generate import DTYPES, parse_ids
 from tidar_megatron.inference.hf_checkpoint import load_hf_model, save_weights
 from tidar_megatron.inference.toy_training import repetitive_corpus, tiny_hf_checkpoint, train_tidar
@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile + CUDA graphs (GPU only)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--attention", choices=ATTENTION, default="sdpa",
+                   help="decoding attention: SDPA with the dense mask, or the TiDAR Triton kernel (GPU)")
     toy = p.add_argument_group("toy model (without --model)")
     toy.add_argument("--hidden-size", type=int, default=64)
     toy.add_argument("--num-layers", type=int, default=2)
@@ -95,12 +97,13 @@ def main(argv=None):
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                        else torch.float32)
         decoder = Decoder.from_pretrained(model_dir, dtype, args.device, args.mask_token_id, args.block_size,
-                                          args.compile)
+                                          args.compile, args.attention)
         results = measure(decoder, prompts, args.max_new_tokens)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"device: {device}; dtype {dtype}; batch 1; block size {decoder.block_size}; "
-          f"{len(prompts)} prompts x {args.max_new_tokens} new tokens; compile={decoder.compiled}")
+          f"{len(prompts)} prompts x {args.max_new_tokens} new tokens; compile={decoder.compiled}; "
+          f"attention {decoder.attention}")
     print(f"{'mode':<6} {'tokens/s':>10} {'T/NFE':>7} {'ms/pass':>8}  accepted-per-pass histogram")
     for mode, r in results.items():
         hist = " ".join(f"{a}:{n}" for a, n in enumerate(r["histogram"], 1) if n) if mode == "tidar" else ""

@@ -101,7 +101,10 @@ def _launch_options(config: TileConfig) -> dict:
 
 
 def _shape_key(q, k, layout, q_offset):
-    return (layout.seq_len, q_offset, q.shape[2], k.shape[2], q.shape[-1], q.dtype, q.device)
+    """Tuning key.  Key counts are bucketed to powers of two: a decoding step has a new length every pass
+    (its prefix grows) but the same query count, and must not be re-tuned each time."""
+    keys_bucket = 1 << max(layout.seq_len - 1, 0).bit_length()
+    return (q_offset > 0, q.shape[1], keys_bucket, q.shape[2], k.shape[2], q.shape[-1], q.dtype, q.device)
 
 
 def _query_tile_launch(layout, config: TileConfig, q_offset: int, batch_heads: int, device):

@@ -27,6 +27,7 @@ from tidar_megatron.inference.sampling import SamplingConfig, select, verify_dra
 from tidar_megatron.layout import TiDARLayout
 
 MODES = ("tidar", "ar")
+ATTENTION = ("sdpa", "kernel")
 
 
 def pass_inputs(layouts: list[TiDARLayout], first_rows: list[int], width: int, num_keys: int):
@@ -118,12 +119,20 @@ class Decoder:
     """Batch decoding with one model; one `stream` / `generate` at a time (they share the model's KV cache).
 
     `compile` (CUDA only): decoding steps run under torch.compile with CUDA graphs; prefill stays eager.
+    `attention`: "sdpa" (torch SDPA with the layout's dense mask) or "kernel" (the TiDAR Triton kernel,
+    which skips the masked tiles; used for passes where every sequence of the batch is at the same point,
+    e.g. batch 1, and SDPA otherwise).
     """
 
     def __init__(self, model: Transformer, mask_token_id: int | None = None, block_size: int | None = None,
-                 eos_token_ids=(), compile: bool = False):
+                 eos_token_ids=(), compile: bool = False, attention: str = "sdpa"):
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if attention == "kernel" and compile:
+            raise ValueError("attention='kernel' does not run under compile yet: choose one of them")
         self.model, self.mask_token_id, self.block_size = model, mask_token_id, block_size
         self.eos_token_ids = tuple(eos_token_ids)
+        self.attention = attention
         self.device = model.lm_head.weight.device
         self.compiled = compile and self.device.type == "cuda"
         self._step_model = model if not self.compiled else \
@@ -134,12 +143,12 @@ class Decoder:
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu", mask_token_id=None, block_size=None,
-                        compile=False) -> "Decoder":
+                        compile=False, attention="sdpa") -> "Decoder":
         """Explicit mask_token_id / block_size override the checkpoint's tidar_* config fields."""
         from tidar_megatron.inference.hf_checkpoint import load_hf_model
         model, fields = load_hf_model(model_dir, dtype, device)
         return cls(model, mask_token_id if mask_token_id is not None else fields.mask_token_id,
-                   block_size or fields.draft_block_size, fields.eos_token_ids, compile)
+                   block_size or fields.draft_block_size, fields.eos_token_ids, compile, attention)
 
     def generate(self, prompts, max_new_tokens: int, mode: str = "tidar", sampling=SamplingConfig(),
                  seed: int | None = None) -> Generation:
@@ -188,6 +197,12 @@ class Decoder:
         """One pass over rows [first_row, first_row + width) of each layout; returns logits [b, width, V]."""
         width = tokens.shape[1]
         model = self._step_model if step else self.model
+        shared = layouts[0]
+        if (self.attention == "kernel" and all(l == shared for l in layouts) and len(set(first_rows)) == 1
+                and first_rows[0] + width == shared.seq_len):
+            positions = shared.position_ids[first_rows[0]:].expand(len(layouts), -1).to(self.device)
+            slots = (first_rows[0] + torch.arange(width, device=self.device)).expand(len(layouts), -1)
+            return model(tokens, positions, None, slots, shared.seq_len, layout=shared)
         if step and self.attend_whole_cache:
             num_keys = self.model.model.layers[0].self_attn.kv_cache.k.shape[1]
         else:

@@ -2,6 +2,7 @@
 
     tidar-megatron generate --model <hf dir> --prompt "Once upon a time" [--mode tidar|ar]
         [--max-new-tokens N] [--temperature T] [--top-p P] [--block-size B] [--prompt-ids 1,2,3]
+        [--attention sdpa|kernel]
 
 Prints the generated text as it is accepted (batch 1) or per prompt (several --prompt), then a summary:
 tokens/s, tokens per forward pass (T/NFE) and, for TiDAR, how many tokens each pass kept.
@@ -17,7 +18,7 @@ import torch
 
 from tidar_megatron.data.tokenizer import TokenizerError
 
-from tidar_megatron.inference.decoding import MODES, Decoder
+from tidar_megatron.inference.decoding import ATTENTION, MODES, Decoder
 from tidar_megatron.inference.sampling import SamplingConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile + CUDA graphs (GPU only)")
+    p.add_argument("--attention", choices=ATTENTION, default="sdpa",
+                   help="kernel: the TiDAR Triton kernel (GPU; on CPU only under TRITON_INTERPRET=1)")
     return p
 
 
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                    else torch.float32)
     decoder = Decoder.from_pretrained(model_dir, dtype, args.device, args.mask_token_id, args.block_size,
-                                      args.compile)
+                                      args.compile, args.attention)
     sampling = SamplingConfig(args.temperature, args.top_p)
     generated = [[] for _ in prompts]
     shown = ""

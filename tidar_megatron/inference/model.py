@@ -97,7 +97,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, cache_slots=None, num_keys=None):
+    def forward(self, x, cos, sin, mask, cache_slots=None, num_keys=None, layout=None):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
@@ -109,6 +109,10 @@ class Attention(nn.Module):
         if cache_slots is not None:
             self.kv_cache.write(cache_slots, k, v)
             k, v = self.kv_cache.k[:, :num_keys], self.kv_cache.v[:, :num_keys]
+        if layout is not None:  # the Triton kernel: tiles from the layout's rule, no dense mask
+            from tidar_kernels.tidar_attention import tidar_attention
+            out = tidar_attention(q, k, v, layout, q_offset=layout.seq_len - s)
+            return self.o_proj(out.reshape(b, s, -1))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask[:, None], enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
@@ -133,8 +137,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, mask, cache_slots, num_keys):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_slots, num_keys)
+    def forward(self, x, cos, sin, mask, cache_slots, num_keys, layout=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_slots, num_keys, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -174,17 +178,21 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
-    def forward(self, tokens, positions, mask, cache_slots=None, num_keys=None):
+    def forward(self, tokens, positions, mask, cache_slots=None, num_keys=None, layout=None):
         """tokens, positions [b, s]; mask [b or 1, s, keys] bool, True = may attend.
 
         Without `cache_slots` the keys are the s tokens themselves (training, parity checks).  With them, the
         new keys and values are written to the cache (`setup_kv_cache`) at `cache_slots` [b, s] and the
         queries attend to cache slots [0, num_keys).  Returns logits [b, s, V].
+
+        `layout`: a TiDARLayout shared by the whole batch whose rows are the keys (num_keys == seq_len) and
+        whose last s rows are the queries.  Attention then runs in the TiDAR Triton kernel and `mask` is
+        not used (it may be None).
         """
         freqs = positions[..., None].float() * self.inv_freq  # [b, s, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]   # [b, s, 1, head_dim]: broadcast over heads
         x = self.model.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache_slots, num_keys)
+            x = layer(x, cos, sin, mask, cache_slots, num_keys, layout)
         return self.lm_head(self.model.norm(x))
