@@ -1,8 +1,9 @@
 """A tiny TiDAR trainer for `model.Transformer`, for tests and CPU benchmarks of the decoder.
 
 Decoding is only interesting on a model whose drafts get accepted; a few hundred CPU steps on a repetitive
-corpus give one without the Megatron stack.  The loss is the paper's: AR cross-entropy on the clean half
-plus diffusion cross-entropy on the mask blocks, over `TiDARLayout.for_training`'s doubled sequence.
+corpus give one without the Megatron stack.  The loss is the training stack's (tidar_megatron.loss):
+(alpha * AR cross-entropy on the clean half + diffusion cross-entropy on the mask blocks) / (1 + alpha),
+over `TiDARLayout.for_training`'s doubled sequence.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tidar_megatron import loss
 from tidar_megatron.inference.model import Transformer
 from tidar_megatron.layout import TiDARLayout
 
@@ -30,7 +32,7 @@ def repetitive_corpus(num_sequences: int, seq_len: int, token_ids: list[int], nu
     return cycles[which[:, None], steps]
 
 
-def tidar_loss(model: Transformer, tokens: torch.Tensor, mask_token_id: int, block_size: int):
+def tidar_loss(model: Transformer, tokens: torch.Tensor, mask_token_id: int, block_size: int, alpha: float = 1.0):
     """tokens [b, L + 1] -> (total, ar, diffusion) losses of the L clean inputs and their mask blocks."""
     clean, labels = tokens[:, :-1], tokens[:, 1:]
     layout = TiDARLayout.for_training(clean.shape[1], block_size)
@@ -39,9 +41,9 @@ def tidar_loss(model: Transformer, tokens: torch.Tensor, mask_token_id: int, blo
     positions = layout.position_ids.to(tokens.device).expand(tokens.shape[0], -1)
     logits = model(inputs, positions, layout.dense_mask(tokens.device)[None])
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
-    ar = (ce * ar_mask).sum() / ar_mask.sum()
-    diffusion = (ce * diff_mask).sum() / diff_mask.sum()
-    return ar + diffusion, ar, diffusion
+    batch = {"ar_mask": ar_mask, "diff_mask": diff_mask}
+    total, sums = loss.tidar_loss(ce, ar_mask, diff_mask, alpha, loss.TokenCounts.of([batch]))
+    return total, sums["ar"][0] / sums["ar"][1], sums["diff"][0] / sums["diff"][1]
 
 
 def train_tidar(model: Transformer, corpus: torch.Tensor, mask_token_id: int, block_size: int, steps: int,
@@ -53,11 +55,11 @@ def train_tidar(model: Transformer, corpus: torch.Tensor, mask_token_id: int, bl
     losses = []
     for _ in range(steps):
         batch = corpus[torch.randint(0, len(corpus), (batch_size,), generator=g)]
-        loss, _, _ = tidar_loss(model, batch.to(model.lm_head.weight.device), mask_token_id, block_size)
+        total, _, _ = tidar_loss(model, batch.to(model.lm_head.weight.device), mask_token_id, block_size)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(total.item())
     return losses
 
 
