@@ -4,10 +4,11 @@
     <dir>/latest             the name of the newest complete checkpoint
     <dir>/.tmp.iter_...      a save in progress; never read, removed by the next save
 
-A save is written under a temporary name and renamed only when every rank has finished, then `latest` is
-replaced atomically (for an async save, when the background writers of every rank have finished); a checkpoint that is missing its metadata or fails to load is skipped, with a
-warning, in favour of the previous one.  Model and optimizer tensors are sharded by their global shape,
-so a checkpoint saved at one TP/PP/DP layout loads at another.
+A save is written under a temporary name and renamed only when every rank has finished (for an async
+save: when every rank's background writer has), then `latest` is replaced atomically; a checkpoint that
+is missing its metadata or fails to load is skipped, with a warning, in favour of the previous one.
+Model and optimizer tensors are sharded by their global shape, so a checkpoint saved at one TP/PP/DP
+layout loads at another.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ class AsyncSaves:
     dist_checkpointing: tensors are staged to host memory, then a forked writer saves them).  At most one
     is in flight; it is published (renamed, `latest`) by its finalize step, which every rank reaches
     through `poll()` (each step) or `wait()`; after an error it is never published and the next save
-removes it.  Uses nvidia-resiliency-ext's writer when installed, as
-    megatron-core recommends, else megatron-core's own."""
+    removes it.  Uses nvidia-resiliency-ext's writer when installed, as megatron-core recommends, else
+    megatron-core's own (the one the tests run)."""
 
     def __init__(self):
         from megatron.core.dist_checkpointing.strategies.torch import get_async_strategy

@@ -95,7 +95,8 @@ class ParallelConfig:
                               "context parallelism's load-balanced chunking; use tensor/pipeline parallelism")
         if self.virtual_pipeline is not None and (self.virtual_pipeline < 2 or self.pipeline_parallel < 2):
             raise ConfigError(f"parallel.virtual_pipeline ({self.virtual_pipeline}) needs a value >= 2 and "
-                              f"parallel.pipeline_parallel >= 2 (got {self.pipeline_parallel}); unset it for plain 1F1B")
+                              f"parallel.pipeline_parallel >= 2 (got {self.pipeline_parallel}); unset it for "
+                              "plain 1F1B")
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
 
