@@ -53,6 +53,20 @@ def _query_rows(q_tile, q_offset, seq_len, CleanEnd, BlockLo, BlockHi, BLOCK_M: 
 
 
 @triton.jit
+def _visited_key_tile(KeyTileIndex, KeyTileClass, entry, k_base, v_base, k_stride_s, v_stride_s, dims,
+                      seq_len, BLOCK_N: tl.constexpr):
+    """Entry `entry` of a query tile's visit list: the key tile's class, its key columns, and its keys and
+    values (columns past seq_len read as zeros)."""
+    k_tile = tl.load(KeyTileIndex + entry)
+    tile_class = tl.load(KeyTileClass + entry)
+    cols = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < seq_len
+    k = tl.load(k_base + cols[:, None] * k_stride_s + dims[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_base + cols[:, None] * v_stride_s + dims[None, :], mask=col_ok[:, None], other=0.0)
+    return tile_class, cols, k, v
+
+
+@triton.jit
 def tidar_attention_fwd_kernel(
     Q, K, V, Out, LSE,
     CleanEnd, BlockLo, BlockHi,
@@ -79,12 +93,8 @@ def tidar_attention_fwd_kernel(
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     table = q_tile * num_k_tiles
     for i in range(0, tl.load(KeyTileCount + q_tile)):
-        k_tile = tl.load(KeyTileIndex + table + i)
-        tile_class = tl.load(KeyTileClass + table + i)
-        cols = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < seq_len
-        k = tl.load(k_base + cols[:, None] * k_stride_s + dims[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * v_stride_s + dims[None, :], mask=col_ok[:, None], other=0.0)
+        tile_class, cols, k, v = _visited_key_tile(KeyTileIndex, KeyTileClass, table + i, k_base, v_base,
+                                                   k_stride_s, v_stride_s, dims, seq_len, BLOCK_N)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         scores = _mask_partial(scores, tile_class, cols, clean_end, block_lo, block_hi, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
@@ -196,12 +206,8 @@ def tidar_attention_bwd_dq_kernel(
     dq = tl.full([BLOCK_M, HEAD_DIM], 0.0, tl.float32)
     table = q_tile * num_k_tiles
     for i in range(0, tl.load(KeyTileCount + q_tile)):
-        k_tile = tl.load(KeyTileIndex + table + i)
-        tile_class = tl.load(KeyTileClass + table + i)
-        cols = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < seq_len
-        k = tl.load(k_base + cols[:, None] * k_stride_s + dims[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * v_stride_s + dims[None, :], mask=col_ok[:, None], other=0.0)
+        tile_class, cols, k, v = _visited_key_tile(KeyTileIndex, KeyTileClass, table + i, k_base, v_base,
+                                                   k_stride_s, v_stride_s, dims, seq_len, BLOCK_N)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         p = tl.exp2(scores - lse[:, None])
         p = _mask_partial(p, tile_class, cols, clean_end, block_lo, block_hi, 0.0)
