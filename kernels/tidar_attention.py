@@ -101,8 +101,9 @@ def _launch_options(config: TileConfig) -> dict:
 
 
 def _shape_key(q, k, layout, q_offset):
-    """Tuning key.  Key counts are bucketed to powers of two: a decoding step has a new length every pass
-    (its prefix grows) but the same query count, and must not be re-tuned each time."""
+    """The tiles' tuning key.  The attention key count (layout.seq_len) enters rounded up to a power of
+    two: a decoding step has one more prefix every pass but the same query count, and must not be
+    re-tuned each time (tile validity does not depend on it)."""
     keys_bucket = 1 << max(layout.seq_len - 1, 0).bit_length()
     return (q_offset > 0, q.shape[1], keys_bucket, q.shape[2], k.shape[2], q.shape[-1], q.dtype, q.device)
 

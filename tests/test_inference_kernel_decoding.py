@@ -37,8 +37,17 @@ def _compare(rank, world_size, model_dir):
             out["tokens"].append((a.tokens, b.tokens))
             out["passes"].append((a.stats.forward_passes, b.stats.forward_passes))
     out["kernel_calls"] = len(calls)
-    # A batch of unequal prompts: prefill falls back to SDPA, steps diverge in prefix: same result.
-    out["batch"] = (sdpa.generate(PROMPTS, 10).tokens, kernel.generate(PROMPTS, 10).tokens)
+    # Batches: different prompts of one length share every layout in AR mode (kernel on every pass, at
+    # batch 3), and the prefill in TiDAR mode; prompts of different lengths fall back to SDPA where the
+    # sequences' layouts differ.
+    equal = [PROMPTS[1], [9, 8, 7, 6, 5], [1, 2, 3, 4, 5]]
+    out["batches"], out["batch_ar_calls"] = [], None
+    for prompts, mode in ((equal, "ar"), (equal, "tidar"), (PROMPTS, "tidar"), (PROMPTS, "ar")):
+        calls.clear()
+        got = kernel.generate(prompts, 10, mode=mode)
+        if prompts is equal and mode == "ar":
+            out["batch_ar_calls"] = (len(calls), got.stats.forward_passes)
+        out["batches"].append((sdpa.generate(prompts, 10, mode=mode).tokens, got.tokens))
 
     # One decoding pass, logits of both paths: prefix of 9 cached rows, then pending block + mask blocks.
     model = kernel.model
@@ -64,13 +73,31 @@ def test_kernel_decoding_matches_sdpa_decoding(tmp_path):
         assert got == expected and passes_kernel == passes_sdpa
     # Batch 1: every pass (prefill included) of every generation ran the kernel, in each of the 2 layers.
     assert out["kernel_calls"] == 2 * sum(passes for _, passes in out["passes"])
-    assert out["batch"][1] == out["batch"][0]
+    for expected, got in out["batches"]:
+        assert got == expected
+    calls, passes = out["batch_ar_calls"]
+    assert calls == 2 * passes
     reference, fused = out["logits"]
     assert ((fused - reference).abs().max() / reference.abs().max()).item() <= 1e-4
 
 
-def test_kernel_attention_rejects_compile():
+def test_kernel_attention_problems_are_reported_before_decoding():
     from tidar_megatron.inference.decoding import Decoder
+    from tidar_megatron.inference.model import ModelArgs, Transformer
+
+    def model(head_dim):
+        return Transformer(ModelArgs(vocab_size=32, hidden_size=head_dim * 2, intermediate_size=16, num_layers=1,
+                                     num_heads=2, num_kv_heads=1, head_dim=head_dim, rms_norm_eps=1e-6,
+                                     rope_theta=1e4))
 
     with pytest.raises(ValueError, match="does not run under compile"):
-        Decoder(torch.nn.Linear(1, 1), attention="kernel", compile=True)
+        Decoder(model(16), attention="kernel", compile=True)
+    with pytest.raises(ValueError, match="head_dim that is a power of two"):
+        Decoder(model(24), attention="kernel")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        Decoder(model(16), attention="flash")
+    from tidar_kernels.tidar_attention_triton import interpreter_active
+
+    if not interpreter_active():  # this process: a CPU model without Triton's interpreter
+        with pytest.raises(ValueError, match="needs Triton's interpreter"):
+            Decoder(model(16), attention="kernel")

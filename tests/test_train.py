@@ -92,18 +92,19 @@ def test_resharded_resume_tp2_pp2_to_single_rank_and_back(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_interleaved_pipeline_checkpoint_resumes_on_a_single_rank(corpus, tmp_path):
-    """PP=2 x VP=2 (two chunks per rank, saved as model0/model1) trains N+1 steps; one rank resumes from
-    its step N and reproduces step N+1."""
+    """PP=2 x VP=2 (two chunks per rank, saved as model0/model1) trains N+2 steps; one rank resumes from
+    its step N and reproduces steps N+1 (the weights) and N+2 (the Adam state of every chunk as well)."""
     N = 2
     common = ["--checkpoint.interval", "1", "--checkpoint.keep_last", "10", "--model.num_layers", "4"]
     interleaved, _ = run_on_ranks(2, _run_train, _args(
         corpus, tmp_path / "a", *common, "--parallel.pipeline_parallel", "2", "--parallel.virtual_pipeline", "2",
-        "--train.train_steps", str(N + 1)))[0]
+        "--train.train_steps", str(N + 2)))[0]
     _resume_dir_at(tmp_path / "a", tmp_path / "b", N)
     single, _ = run_on_ranks(1, _run_train, _args(corpus, tmp_path / "b", *common,
-                                                  "--train.train_steps", str(N + 1)))[0]
-    assert [s for s, *_ in single] == [N + 1]
-    torch.testing.assert_close(torch.tensor(single[0][1:]), torch.tensor(interleaved[N][1:]), rtol=1e-5, atol=0)
+                                                  "--train.train_steps", str(N + 2)))[0]
+    assert [s for s, *_ in single] == [N + 1, N + 2]
+    torch.testing.assert_close(torch.tensor([h[1:] for h in single]),
+                               torch.tensor([h[1:] for h in interleaved[N:]]), rtol=1e-5, atol=0)
 
 
 def _resume_dir_at(src, dst, step):

@@ -42,6 +42,14 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def _describe(error: BaseException) -> str:
+    """One line for a log or error message; torch DCP's CheckpointException gets its ranks' errors."""
+    if isinstance(error, DCPCheckpointException):
+        return "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, (e, _) in sorted(error.failures.items()))
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _rank0() -> bool:
     return torch.distributed.get_rank() == 0
 
@@ -131,9 +139,10 @@ class AsyncSaves:
     """Checkpoints written by a background process per rank while training goes on (megatron-core's async
     dist_checkpointing: tensors are staged to host memory, then a forked writer saves them).  At most one
     is in flight; it is published (renamed, `latest`) by its finalize step, which every rank reaches
-    through `poll()` (each step) or `wait()`; after an error it is never published and the next save
-    removes it.  Uses nvidia-resiliency-ext's writer when installed, as megatron-core recommends, else
-    megatron-core's own (the one the tests run)."""
+    through `poll()` (each step) or `wait()`.  A save that fails is never published (the next save
+    removes its temporary): `poll()` warns and training goes on, `wait()` raises.  Uses
+    nvidia-resiliency-ext's writer when installed, as megatron-core recommends, else megatron-core's own
+    (the one the tests run)."""
 
     def __init__(self):
         from megatron.core.dist_checkpointing.strategies.torch import get_async_strategy
@@ -149,10 +158,19 @@ class AsyncSaves:
 
     def poll(self):
         """Publish a finished save, if any (a collective: every rank calls it)."""
-        self._queue.maybe_finalize_async_calls(blocking=False)
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+        except (Exception, DCPCheckpointException) as e:  # raised on every rank alike by the finalize step
+            log.warning("a background checkpoint save failed and was not published (%s); training goes on, "
+                        "the next save retries", _describe(e))
 
     def wait(self):
-        self._queue.maybe_finalize_async_calls(blocking=True)
+        """Block until the save in flight (if any) is published; a failure is a CheckpointError."""
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+        except (Exception, DCPCheckpointException) as e:
+            raise CheckpointError(f"a background checkpoint save failed ({_describe(e)}); check the checkpoint "
+                                  "directory's free space and permissions") from e
 
 
 def save(trainer, directory: str | Path, data_state: dict, keep_last: int | None = None,
@@ -264,8 +282,7 @@ def resume(trainer, directory: str | Path) -> dict | None:
         try:
             data_state = load(trainer, candidate)
         except (Exception, DCPCheckpointException) as e:  # corrupt: warn and fall back to the previous one
-            log.warning("could not load %s (%s: %s); trying the previous checkpoint",
-                        candidate, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            log.warning("could not load %s (%s); trying the previous checkpoint", candidate, _describe(e))
             continue
         log.info("resumed from %s at step %d", candidate, trainer.step)
         return data_state
@@ -289,9 +306,8 @@ def load_model_weights(model, path: str | Path):
     try:
         loaded = dist_checkpointing.load(state, str(path))
     except (Exception, DCPCheckpointException) as e:
-        raise CheckpointError(f"{path}: does not match this model's config ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); check model.* against the "
-                              "checkpoint's config") from None
+        raise CheckpointError(f"{path}: does not match this model's config ({_describe(e)}); check model.* "
+                              "against the checkpoint's config") from None
     chunks = [getattr(m, "module", m) for m in model]
     for i, c in enumerate(chunks):
         c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])

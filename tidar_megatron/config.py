@@ -157,7 +157,9 @@ class CheckpointConfig:
     dir: str = "runs/default"
     interval: int = 0                     # steps between saves (0 = only at the end and on preemption)
     keep_last: int = 3
-    async_save: bool = False              # write in a background process while training goes on
+    # Periodic saves written in a background process while training goes on.  A preemption then waits
+    # for the save in flight and writes its own: leave time for two saves before the job's limit.
+    async_save: bool = False
     resume: str = "auto"                  # auto: newest loadable checkpoint in dir | none | a path
     init_from: str | None = None          # weights only, e.g. a converted Hugging Face model
 

@@ -213,7 +213,9 @@ def train(cfg: Config) -> dict:
                 nan_streak += 1
                 progress.message(f"step {trainer.step}: non-finite loss or gradients, update skipped "
                                  f"({nan_streak} in a row)")
-                if nan_streak > cfg.train.max_nan_skips:
+                if nan_streak > cfg.train.max_nan_skips:  # every rank sees the same broadcast loss
+                    if async_saves is not None:
+                        async_saves.wait()  # keep the last good checkpoint that is still being written
                     raise RuntimeError(f"{nan_streak} consecutive non-finite steps (train.max_nan_skips="
                                        f"{cfg.train.max_nan_skips}); lower train.lr or check the data")
             else:

@@ -32,7 +32,7 @@ def repetitive_corpus(num_sequences: int, seq_len: int, token_ids: list[int], nu
     return cycles[which[:, None], steps]
 
 
-def tidar_loss(model: Transformer, tokens: torch.Tensor, mask_token_id: int, block_size: int, alpha: float = 1.0):
+def toy_tidar_loss(model: Transformer, tokens: torch.Tensor, mask_token_id: int, block_size: int, alpha: float = 1.0):
     """tokens [b, L + 1] -> (total, ar, diffusion) losses of the L clean inputs and their mask blocks."""
     clean, labels = tokens[:, :-1], tokens[:, 1:]
     layout = TiDARLayout.for_training(clean.shape[1], block_size)
@@ -55,7 +55,7 @@ def train_tidar(model: Transformer, corpus: torch.Tensor, mask_token_id: int, bl
     losses = []
     for _ in range(steps):
         batch = corpus[torch.randint(0, len(corpus), (batch_size,), generator=g)]
-        total, _, _ = tidar_loss(model, batch.to(model.lm_head.weight.device), mask_token_id, block_size)
+        total, _, _ = toy_tidar_loss(model, batch.to(model.lm_head.weight.device), mask_token_id, block_size)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()

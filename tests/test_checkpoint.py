@@ -1,0 +1,49 @@
+"""checkpoint.py pieces that need no process group: the async-save wrapper's failure handling and the
+choice of checkpoints to resume from.  Saving, loading, resharding and resume run in test_train.py."""
+
+import logging
+
+import pytest
+from torch.distributed.checkpoint.api import CheckpointException
+
+from tidar_megatron import checkpoint
+
+
+class _FailingQueue:
+    """Stands in for megatron-core's AsyncCallsQueue when a background writer failed on some rank."""
+
+    def maybe_finalize_async_calls(self, blocking=False):
+        raise CheckpointException("write failed", {1: (OSError("No space left on device"), None)})
+
+
+def _failing_saves():
+    saves = checkpoint.AsyncSaves.__new__(checkpoint.AsyncSaves)
+    saves.strategy, saves._queue = "mcore", _FailingQueue()
+    return saves
+
+
+def test_failed_background_save_warns_and_training_goes_on(caplog):
+    with caplog.at_level(logging.WARNING):
+        _failing_saves().poll()
+    assert "background checkpoint save failed and was not published (rank 1: OSError: No space left" in caplog.text
+
+
+def test_failed_save_that_is_waited_for_is_an_error():
+    with pytest.raises(checkpoint.CheckpointError, match=r"save failed \(rank 1: OSError: No space left"):
+        _failing_saves().wait()
+
+
+def test_resume_candidates_skip_incomplete_checkpoints(tmp_path, caplog):
+    for step, complete in ((1, True), (2, True), (3, False)):
+        d = tmp_path / f"iter_{step:07d}"
+        d.mkdir()
+        if complete:
+            (d / "metadata.json").write_text("{}")
+    (tmp_path / ".tmp.iter_0000004").mkdir()  # a save in progress
+    (tmp_path / "latest").write_text("iter_0000003\n")  # names the incomplete one
+    with caplog.at_level(logging.WARNING):
+        found = checkpoint.find_resumable(tmp_path)
+    assert [p.name for p in found] == ["iter_0000002", "iter_0000001"]
+    assert "missing or incomplete" in caplog.text
+    (tmp_path / "latest").write_text("iter_0000001\n")
+    assert [p.name for p in checkpoint.find_resumable(tmp_path)] == ["iter_0000001", "iter_0000002"]
