@@ -43,7 +43,7 @@ def skipped_tile_fraction(layout: TiDARLayout, tile_q: int, tile_k: int, q_offse
     them for training, those of the query tiles from row q_offset on for a decoding step."""
     if q_offset == 0:
         return layout.skipped_tile_fraction(tile_q, tile_k)
-    classes = layout.tile_classes(tile_q, tile_k)[q_offset // tile_q:]
+    classes = layout.tile_classes(tile_q, tile_k, q_offset)[q_offset // tile_q:]
     return (classes == TILE_SKIP).float().mean().item()
 
 
@@ -111,7 +111,7 @@ def _shape_key(q, k, layout, q_offset):
 def _query_tile_launch(layout, config: TileConfig, q_offset: int, batch_heads: int, device):
     """Tile tables, the key tiles each query tile visits, the first query tile that holds queries, and the
     grid of a query-tile kernel (forward, dQ): one program per (query tile, batch x head)."""
-    tables = tile_tables(layout, config.block_m, config.block_n, device)
+    tables = tile_tables(layout, config.block_m, config.block_n, device, q_offset)
     first_q_tile = q_offset // config.block_m
     grid = (triton.cdiv(layout.seq_len, config.block_m) - first_q_tile, batch_heads)
     return tables, tables.keys_of_query_tile, first_q_tile, grid
@@ -154,7 +154,7 @@ def _backward(q, k, v, out, lse, grad_out, layout, softmax_scale, q_offset):
 
     def launch_dkdv(config: TileConfig):
         nonlocal dk, dv
-        tables = tile_tables(layout, config.block_m, config.block_n, q.device)
+        tables = tile_tables(layout, config.block_m, config.block_n, q.device, q_offset)
         visits = tables.queries_of_key_tile
         splits = group_size if config.split_kv_groups else 1
         # With splits, each program writes fp32 partial sums for its query head; they are added up below.

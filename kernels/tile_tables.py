@@ -50,9 +50,11 @@ def _visit_list(classes: torch.Tensor, device) -> VisitList:
 
 
 @lru_cache(maxsize=64)
-def tile_tables(layout: TiDARLayout, tile_q: int, tile_k: int, device: torch.device) -> TileTables:
-    """Tables for tiles of `tile_q` layout rows by `tile_k` keys, cached per (layout, tile sizes, device)."""
-    classes = layout.tile_classes(tile_q, tile_k).clone()
+def tile_tables(layout: TiDARLayout, tile_q: int, tile_k: int, device: torch.device,
+                first_row: int = 0) -> TileTables:
+    """Tables for tiles of `tile_q` layout rows by `tile_k` keys, cached per (layout, tile sizes, device,
+    first_row).  Query tiles wholly before `first_row` (a decoding step's cached prefix) are never listed."""
+    classes = layout.tile_classes(tile_q, tile_k, first_row).clone()
     if layout.seq_len % tile_k:
         # tile_classes ignores keys past the end, so a ragged last key tile can be FULL; the kernels only
         # bounds-check keys on PARTIAL tiles, so demote it.

@@ -33,6 +33,19 @@ def test_tile_classes_match_brute_force(tile_q, tile_k):
 
 
 @pytest.mark.parametrize("tile_q,tile_k", TILES)
+def test_tile_classes_from_a_first_row_skip_only_the_tiles_before_it(tile_q, tile_k):
+    """A decoding step queries rows [prefix, seq_len): the query tiles holding them keep their brute-force
+    class, the tiles wholly before the prefix are SKIP."""
+    for layout in LAYOUTS:
+        expected = brute_force_classes(layout, tile_q, tile_k)
+        for first_row in sorted({0, 1, tile_q, layout.seq_len // 2, layout.seq_len - 1} & set(range(layout.seq_len))):
+            first_tile = first_row // tile_q
+            got = layout.tile_classes(tile_q, tile_k, first_row)
+            assert torch.equal(got[first_tile:], expected[first_tile:]), (layout, first_row)
+            assert (got[:first_tile] == TILE_SKIP).all(), (layout, first_row)
+
+
+@pytest.mark.parametrize("tile_q,tile_k", TILES)
 def test_visit_lists_list_exactly_the_visible_tiles(tile_q, tile_k):
     for layout in LAYOUTS:
         expected = brute_force_classes(layout, tile_q, tile_k)

@@ -154,14 +154,21 @@ class TiDARLayout:
 
         return tidar_mask_mod
 
-    def tile_classes(self, tile_q: int, tile_k: int) -> torch.Tensor:
+    def tile_classes(self, tile_q: int, tile_k: int, first_row: int = 0) -> torch.Tensor:
         """[ceil(S/tile_q), ceil(K/tile_k)] int8 of TILE_SKIP / TILE_PARTIAL / TILE_FULL.
 
         Exact, because each row's visible keys are two intervals: a tile is FULL when every row sees all
         its keys, SKIP when no row sees any.  Rows and keys past the end (ragged last tiles) are ignored.
+        `first_row`: only rows from there on are queried (a decoding step; the cached prefix is not), so
+        query tiles wholly before it are SKIP; the work then scales with the queried rows, not the prefix.
         """
-        n = k = self.seq_len
-        clean_end, block_lo, block_hi = self.row_ranges
+        k = self.seq_len
+        if not 0 <= first_row < k:
+            raise ValueError(f"first_row={first_row} must lie in [0, seq_len={k})")
+        skipped_tiles = first_row // tile_q
+        start = skipped_tiles * tile_q
+        n = k - start
+        clean_end, block_lo, block_hi = (r[start:] for r in self.row_ranges)
         k0 = torch.arange(0, k, tile_k)
         k1 = (k0 + tile_k).clamp(max=k)
 
@@ -179,7 +186,7 @@ class TiDARLayout:
         out = torch.full(full.shape, TILE_PARTIAL, dtype=torch.int8)
         out[full] = TILE_FULL
         out[empty] = TILE_SKIP
-        return out
+        return torch.nn.functional.pad(out, (0, 0, skipped_tiles, 0), value=TILE_SKIP)
 
     def skipped_tile_fraction(self, tile_q: int, tile_k: int) -> float:
         return (self.tile_classes(tile_q, tile_k) == TILE_SKIP).float().mean().item()
