@@ -47,3 +47,25 @@ def test_resume_candidates_skip_incomplete_checkpoints(tmp_path, caplog):
     assert "missing or incomplete" in caplog.text
     (tmp_path / "latest").write_text("iter_0000001\n")
     assert [p.name for p in checkpoint.find_resumable(tmp_path)] == ["iter_0000001", "iter_0000002"]
+
+
+def _publish_without_the_temporary(rank, world_size, directory):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        checkpoint._publish(directory, "iter_0000005", keep_last=2)
+    except checkpoint.CheckpointError as e:
+        return str(e)
+    finally:
+        dist.destroy_process_group()
+    return None
+
+
+def test_a_publish_failure_on_rank_0_is_an_error_on_every_rank(tmp_path):
+    """Rank 0 cannot rename (the temporary is missing): both ranks raise instead of rank 1 hanging."""
+    from multirank import run_on_ranks
+
+    errors = run_on_ranks(2, _publish_without_the_temporary, tmp_path, timeout=120)
+    assert all(e and "could not publish iter_0000005 (FileNotFoundError" in e for e in errors), errors
+    assert not (tmp_path / "latest").exists()

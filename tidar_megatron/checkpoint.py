@@ -204,20 +204,29 @@ def save(trainer, directory: str | Path, data_state: dict, keep_last: int | None
 
 
 def _publish(directory: Path, name: str, keep_last: int | None):
-    """Rename the complete temporary to its final name, point `latest` at it, prune older ones."""
+    """Rename the complete temporary to its final name, point `latest` at it, prune older ones.  Rank 0
+    does the file work; its outcome is shared, so a failure there is an error on every rank rather than
+    the other ranks waiting for it forever."""
     torch.distributed.barrier()
+    outcome = [""]
     if _rank0():
-        final = directory / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(directory / f".tmp.{name}", final)
-        _write_latest(directory, name)
-        if keep_last:  # prune only older steps: newer ones may belong to a run this one rolled back from
-            older = [c for c in list_checkpoints(directory) if c.name < name]
-            for old in older[:max(len(older) - (keep_last - 1), 0)]:
-                shutil.rmtree(old, ignore_errors=True)
-        log.info("saved %s", final)
-    torch.distributed.barrier()
+        try:
+            final = directory / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(directory / f".tmp.{name}", final)
+            _write_latest(directory, name)
+            if keep_last:  # prune only older steps: newer ones may belong to a run this one rolled back from
+                older = [c for c in list_checkpoints(directory) if c.name < name]
+                for old in older[:max(len(older) - (keep_last - 1), 0)]:
+                    shutil.rmtree(old, ignore_errors=True)
+            log.info("saved %s", final)
+        except OSError as e:
+            outcome = [_describe(e)]
+    torch.distributed.broadcast_object_list(outcome, src=0)
+    if outcome[0]:
+        raise CheckpointError(f"{directory}: could not publish {name} ({outcome[0]}); check the directory's "
+                              "permissions and free space")
 
 
 def _write_latest(directory: Path, name: str):
