@@ -69,3 +69,29 @@ def test_a_publish_failure_on_rank_0_is_an_error_on_every_rank(tmp_path):
     errors = run_on_ranks(2, _publish_without_the_temporary, tmp_path, timeout=120)
     assert all(e and "could not publish iter_0000005 (FileNotFoundError" in e for e in errors), errors
     assert not (tmp_path / "latest").exists()
+
+
+def _results_queue_after_preemption_signals(rank, world_size):
+    import os
+    import signal
+    import time
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+
+    saves = checkpoint.AsyncSaves((signal.SIGTERM, signal.SIGUSR1))
+    manager = checkpoint._shielded_managers[get_write_results_queue.__module__]
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # what Slurm sends to every process of the step
+        os.kill(manager._process.pid, sig)
+    time.sleep(1)
+    queue = get_write_results_queue()  # the queue megatron-core's writers will use
+    queue.put("written")
+    return saves.strategy, manager._process.is_alive(), queue.get()
+
+
+def test_async_writers_result_queue_survives_preemption_signals():
+    """Slurm signals every process of a job step; the Manager process holding the async writers' result
+    queue must outlive SIGTERM/SIGUSR1, or the save the signal asks for fails (a plain Manager dies)."""
+    from multirank import run_on_ranks
+
+    strategy, alive, got = run_on_ranks(1, _results_queue_after_preemption_signals, timeout=120)[0]
+    assert strategy == "mcore" and alive and got == "written"

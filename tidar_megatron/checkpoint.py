@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from functools import partial
 from pathlib import Path
 
@@ -144,7 +145,10 @@ class AsyncSaves:
     nvidia-resiliency-ext's writer when installed, as megatron-core recommends, else megatron-core's own
     (the one the tests run)."""
 
-    def __init__(self):
+    def __init__(self, shielded_signals=()):
+        """`shielded_signals`: the preemption signals.  Slurm sends them to every process of a job step,
+        and the writers' result queue lives in a multiprocessing Manager process that such a signal would
+        kill, breaking the very save the signal asks for; that process ignores them."""
         from megatron.core.dist_checkpointing.strategies.torch import get_async_strategy
 
         try:
@@ -152,6 +156,8 @@ class AsyncSaves:
         except ModuleNotFoundError:
             self.strategy, queue_cls = get_async_strategy("mcore", "AsyncCallsQueue")
         self._queue = queue_cls()
+        _, get_results_queue = get_async_strategy(self.strategy, "get_write_results_queue")
+        _start_results_queue(get_results_queue, tuple(shielded_signals))
 
     def schedule(self, request):
         self._queue.schedule_async_request(request)
@@ -171,6 +177,38 @@ class AsyncSaves:
         except (Exception, DCPCheckpointException) as e:
             raise CheckpointError(f"a background checkpoint save failed ({_describe(e)}); check the checkpoint "
                                   "directory's free space and permissions") from e
+
+
+_shielded_managers: dict = {}  # writer module -> the Manager process started for it (one per process)
+
+
+def _start_results_queue(get_results_queue, signals: tuple):
+    """Create the async writers' result queue up front, in a Manager process that ignores `signals`.
+
+    megatron-core (and nvidia-resiliency-ext) create it lazily, at the first async save, in a plain
+    Manager, and keep it in their module's `_results_queue`; filling that slot first is the only way to
+    give the Manager an initializer."""
+    import multiprocessing
+    import sys
+    from multiprocessing.managers import SyncManager
+
+    name = get_results_queue.__module__
+    if not signals or name in _shielded_managers:
+        return
+    module = sys.modules[name]
+    if getattr(module, "_results_queue", 0) is not None:  # created already, or no such slot here
+        log.warning("async checkpointing: the writers' result queue cannot be shielded from %s with this "
+                    "version of %s", "/".join(signal.Signals(s).name for s in signals), name)
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_ignore_signals, initargs=(signals,))
+    module._results_queue = manager.Queue()
+    _shielded_managers[name] = manager
+
+
+def _ignore_signals(signals):
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def save(trainer, directory: str | Path, data_state: dict, keep_last: int | None = None,

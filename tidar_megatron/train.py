@@ -28,9 +28,11 @@ log = logging.getLogger("tidar_megatron.train")
 class Preemption:
     """Turns SIGTERM / SIGUSR1 into a flag that the loop checks after each step (on every rank together)."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -192,7 +194,7 @@ def train(cfg: Config) -> dict:
         progress.message(f"resumed at step {trainer.step} (consumed samples {train_iter.consumed_samples})")
     preemption = Preemption()
     nan_streak, result, last_saved = 0, {}, None
-    async_saves = checkpoint.AsyncSaves() if cfg.checkpoint.async_save else None
+    async_saves = checkpoint.AsyncSaves(Preemption.SIGNALS) if cfg.checkpoint.async_save else None
 
     def save(wait: bool = False):
         """Periodic saves may finish in the background; the last one before exiting is waited for."""
