@@ -47,6 +47,24 @@ def skipped_tile_fraction(layout: TiDARLayout, tile_q: int, tile_k: int, q_offse
     return (classes == TILE_SKIP).float().mean().item()
 
 
+def unsupported(head_dim: int, device_type: str) -> str | None:
+    """Why the kernel cannot run heads of `head_dim` on a `device_type` device here; None when it can."""
+    return _head_dim_problem(head_dim) or _device_problem(device_type)
+
+
+def _head_dim_problem(head_dim: int) -> str | None:
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        return f"the TiDAR kernel needs a head_dim that is a power of two in [16, 256], got head_dim={head_dim}"
+    return None
+
+
+def _device_problem(device_type: str) -> str | None:
+    if device_type == "cpu" and not interpreter_active():
+        return ("the TiDAR kernel on the CPU needs Triton's interpreter (TRITON_INTERPRET=1 set before triton is "
+                "first imported); on a GPU it runs as is")
+    return None
+
+
 def chosen_tiles(q: torch.Tensor, k: torch.Tensor, layout: TiDARLayout, q_offset: int = 0) -> dict:
     """{kernel: TileConfig or None} picked by tuning for this shape (None until the kernel has run)."""
     key = _shape_key(q, k, layout, q_offset)
@@ -202,9 +220,8 @@ def _check_inputs(q, k, v, layout, q_offset):
     batch, num_queries, q_heads, head_dim = q.shape
     if k.shape[0] != batch or k.shape[-1] != head_dim:
         raise ValueError(f"k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)} in batch or head_dim")
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim={head_dim} is unsupported: the kernel needs a power of two in [16, 256] "
-                         f"(pad the heads, or use the 'flex' or 'local' attention backend)")
+    if problem := _head_dim_problem(head_dim):
+        raise ValueError(f"{problem} (pad the heads, or use the 'flex' or 'local' attention backend)")
     if q_heads % k.shape[2]:
         raise ValueError(f"q_heads={q_heads} is not a multiple of kv_heads={k.shape[2]} (grouped-query "
                          f"attention needs whole groups)")
@@ -219,6 +236,5 @@ def _check_inputs(q, k, v, layout, q_offset):
                          f"{v.dtype}")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    if q.device.type == "cpu" and not interpreter_active():
-        raise ValueError("tidar_attention got CPU tensors: the Triton kernel needs a CUDA device, or the Triton "
-                         "interpreter (set TRITON_INTERPRET=1 before triton is first imported)")
+    if problem := _device_problem(q.device.type):
+        raise ValueError(problem)

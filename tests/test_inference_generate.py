@@ -3,7 +3,6 @@
 import re
 
 import pytest
-import torch
 
 from tidar_megatron.inference.generate import main
 from tidar_megatron.inference.toy_training import tiny_hf_checkpoint

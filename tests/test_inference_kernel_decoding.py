@@ -56,7 +56,7 @@ def _compare(rank, world_size, model_dir):
     tokens[0, 9 + 3:] = MASK_TOKEN_ID
     model.setup_kv_cache(1, layout.seq_len)
     positions = layout.position_ids[None]
-    mask = layout.allowed(torch.arange(layout.seq_len)[:, None], torch.arange(layout.seq_len)[None, :])[None]
+    mask = layout.dense_mask()[None]
     with torch.inference_mode():
         model(tokens[:, :9], positions[:, :9], mask[:, :9, :9], torch.arange(9)[None], 9)  # fill the cache
         rows = torch.arange(9, layout.seq_len)[None]

@@ -28,7 +28,7 @@ def _sdpa_reference(q, k, v, keep, scale):
 
 def _suite(rank, world_size):
     from tidar_megatron import distributed
-    from tidar_megatron.attention import FlexTiDARAttention, training_layout
+    from tidar_megatron.attention import FlexTiDARAttention
     from tidar_megatron.batch import from_token_windows
     from tidar_megatron.layout import TiDARLayout
     from tidar_megatron.loss import TokenCounts

@@ -57,17 +57,12 @@ def pass_inputs(layouts: list[TiDARLayout], first_rows: list[int], width: int, n
 
 def _check_kernel_usable(model: Transformer, compile: bool):
     """attention='kernel' problems as one-line errors before any decoding, not at the first pass."""
-    from tidar_kernels.tidar_attention_triton import interpreter_active
+    from tidar_kernels.tidar_attention import unsupported
 
-    head_dim = model.args.head_dim
     if compile:
         raise ValueError("attention='kernel' does not run under compile yet: choose one of them")
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"attention='kernel' needs a head_dim that is a power of two in [16, 256]; this model's "
-                         f"is {head_dim}: use attention='sdpa'")
-    if model.lm_head.weight.device.type == "cpu" and not interpreter_active():
-        raise ValueError("attention='kernel' on the CPU needs Triton's interpreter (TRITON_INTERPRET=1 set before "
-                         "triton is first imported); on the CPU use attention='sdpa'")
+    if problem := unsupported(model.args.head_dim, model.lm_head.weight.device.type):
+        raise ValueError(f"attention='kernel': {problem}; use attention='sdpa'")
 
 
 @dataclass

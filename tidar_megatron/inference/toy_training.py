@@ -32,8 +32,9 @@ def repetitive_corpus(num_sequences: int, seq_len: int, token_ids: list[int], nu
     return cycles[which[:, None], steps]
 
 
-def toy_tidar_loss(model: Transformer, tokens: torch.Tensor, mask_token_id: int, block_size: int, alpha: float = 1.0):
-    """tokens [b, L + 1] -> (total, ar, diffusion) losses of the L clean inputs and their mask blocks."""
+def toy_tidar_loss(model: Transformer, tokens: torch.Tensor, mask_token_id: int, block_size: int,
+                   alpha: float = 1.0) -> torch.Tensor:
+    """tokens [b, L + 1] -> the TiDAR loss of the L clean inputs and their mask blocks."""
     clean, labels = tokens[:, :-1], tokens[:, 1:]
     layout = TiDARLayout.for_training(clean.shape[1], block_size)
     inputs = layout.training_inputs(clean, mask_token_id)
@@ -42,8 +43,7 @@ def toy_tidar_loss(model: Transformer, tokens: torch.Tensor, mask_token_id: int,
     logits = model(inputs, positions, layout.dense_mask(tokens.device)[None])
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
     batch = {"ar_mask": ar_mask, "diff_mask": diff_mask}
-    total, sums = loss.tidar_loss(ce, ar_mask, diff_mask, alpha, loss.TokenCounts.of([batch]))
-    return total, sums["ar"][0] / sums["ar"][1], sums["diff"][0] / sums["diff"][1]
+    return loss.tidar_loss(ce, ar_mask, diff_mask, alpha, loss.TokenCounts.of([batch]))[0]
 
 
 def train_tidar(model: Transformer, corpus: torch.Tensor, mask_token_id: int, block_size: int, steps: int,
@@ -55,7 +55,7 @@ def train_tidar(model: Transformer, corpus: torch.Tensor, mask_token_id: int, bl
     losses = []
     for _ in range(steps):
         batch = corpus[torch.randint(0, len(corpus), (batch_size,), generator=g)]
-        total, _, _ = toy_tidar_loss(model, batch.to(model.lm_head.weight.device), mask_token_id, block_size)
+        total = toy_tidar_loss(model, batch.to(model.lm_head.weight.device), mask_token_id, block_size)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
