@@ -20,8 +20,8 @@ import torch
 
 from tidar_megatron.inference.decoding import ATTENTION, Decoder
 from tidar_megatron.inference.generate import DTYPES, parse_ids
-from tidar_megatron.inference.hf_checkpoint import load_hf_model, save_weights
-from tidar_megatron.inference.toy_training import repetitive_corpus, tiny_hf_checkpoint, train_tidar
+from tidar_megatron.inference.hf_checkpoint import load_hf_model
+from tidar_megatron.testing import repetitive_corpus, save_weights, tiny_hf_checkpoint, train_tidar
 
 
 def parse_args(argv=None):

@@ -15,8 +15,8 @@ import platform
 import time
 
 import torch
-
 from tidar_kernels.tile_tables import tile_tables
+
 from tidar_megatron.layout import TiDARLayout
 
 

@@ -25,12 +25,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     args, overrides = parser.parse_known_args(argv)
 
-    from tidar_megatron import distributed
-    from tidar_megatron.batch import from_token_windows
     from tidar_megatron.config import load_config
+    from tidar_megatron.data.batch import from_token_windows
     from tidar_megatron.layout import TiDARLayout
-    from tidar_megatron.train import model_flops_per_step
-    from tidar_megatron.trainer import build_trainer
+    from tidar_megatron.training import distributed
+    from tidar_megatron.training.loop import model_flops_per_step
+    from tidar_megatron.training.trainer import build_trainer
 
     cfg = load_config(args.config, ["--parallel.use_distributed_optimizer", "false", *overrides])
     device = distributed.initialize(cfg)

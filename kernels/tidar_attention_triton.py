@@ -7,7 +7,7 @@ Conventions shared by all three programs:
     a unit head_dim stride;
   * scores are kept in log2 units (scaled by softmax_scale * log2(e)) so the softmax uses exp2, and the
     saved log-sum-exp LSE [batch, q_heads, num_queries] fp32 is in the same units;
-  * only PARTIAL tiles evaluate the element mask, from the layout's row ranges: the keys visible to row r
+  * only PARTIAL tiles evaluate the element mask, from the mask's row ranges: the keys visible to row r
     are [0, clean_end[r]) and [block_lo[r], block_hi[r]).  Rows outside [q_offset, seq_len) load empty
     ranges and zero inputs, so they never contribute.
 """
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from tidar_megatron.layout import TILE_PARTIAL
+from .block_mask import TILE_PARTIAL
 
 PARTIAL_TILE = tl.constexpr(TILE_PARTIAL)
 

@@ -1,7 +1,7 @@
 """Host-side tables that tell the attention kernels which tiles to visit.
 
-Everything here is derived from `TiDARLayout.tile_classes` and `TiDARLayout.row_ranges`; the attention rule
-itself is never restated.  A kernel program owns one tile of one side (a query tile for the forward and dQ
+Everything here is derived from the mask's `tile_classes` and `row_ranges` (block_mask.py); the attention
+rule itself is never restated.  A kernel program owns one tile of one side (a query tile for the forward and dQ
 passes, a key tile for the dK/dV pass) and walks a compact list of the tiles of the other side that are not
 SKIP, so skipped tiles cost nothing, not even a branch.
 """
@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from tidar_megatron.layout import TILE_FULL, TILE_PARTIAL, TILE_SKIP, TiDARLayout
+from .block_mask import TILE_FULL, TILE_PARTIAL, TILE_SKIP, BlockSparseMask
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class VisitList:
 
 @dataclass(frozen=True)
 class TileTables:
-    clean_end: torch.Tensor  # [seq_len] int32, the layout's row_ranges
+    clean_end: torch.Tensor  # [seq_len] int32, the mask's row_ranges
     block_lo: torch.Tensor
     block_hi: torch.Tensor
     keys_of_query_tile: VisitList  # forward and dQ
@@ -50,17 +50,17 @@ def _visit_list(classes: torch.Tensor, device) -> VisitList:
 
 
 @lru_cache(maxsize=64)
-def tile_tables(layout: TiDARLayout, tile_q: int, tile_k: int, device: torch.device,
+def tile_tables(mask: BlockSparseMask, tile_q: int, tile_k: int, device: torch.device,
                 first_row: int = 0) -> TileTables:
-    """Tables for tiles of `tile_q` layout rows by `tile_k` keys, cached per (layout, tile sizes, device,
+    """Tables for tiles of `tile_q` mask rows by `tile_k` keys, cached per (mask, tile sizes, device,
     first_row).  Query tiles wholly before `first_row` (a decoding step's cached prefix) are never listed."""
-    classes = layout.tile_classes(tile_q, tile_k, first_row).clone()
-    if layout.seq_len % tile_k:
+    classes = mask.tile_classes(tile_q, tile_k, first_row).clone()
+    if mask.seq_len % tile_k:
         # tile_classes ignores keys past the end, so a ragged last key tile can be FULL; the kernels only
         # bounds-check keys on PARTIAL tiles, so demote it.
         last = classes[:, -1]
         last[last == TILE_FULL] = TILE_PARTIAL
-    clean_end, block_lo, block_hi = (r.to(torch.int32).to(device) for r in layout.row_ranges)
+    clean_end, block_lo, block_hi = (r.to(torch.int32).to(device) for r in mask.row_ranges)
     return TileTables(clean_end, block_lo, block_hi,
                       keys_of_query_tile=_visit_list(classes, device),
                       queries_of_key_tile=_visit_list(classes.t().contiguous(), device))

@@ -40,4 +40,4 @@ echo "job $SLURM_JOB_ID: preset $PRESET, $SLURM_NTASKS tasks on $SLURM_JOB_NUM_N
 # One task per GPU; each task finds its rank in SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
 # The trainer resumes from $CKPT_DIR automatically and saves on SIGTERM / SIGUSR1 (the launchers' --signal).
 srun --kill-on-bad-exit=1 "${container[@]}" \
-  python -u -m tidar_megatron.train --config "$PRESET" --checkpoint.dir "$CKPT_DIR" "$@"
+  python -u -m tidar_megatron train --config "$PRESET" --checkpoint.dir "$CKPT_DIR" "$@"

@@ -5,9 +5,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from tidar_megatron.console import NOISY_WARNINGS
+
 # Test helpers (multirank.py) live beside the tests.
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be chosen before triton is
+# first imported (torch does not import it; megatron.core and tidar_kernels do, later).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    # The third-party warnings the entry points filter (tidar_megatron/console.py), and only those.
+    for category, message in NOISY_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}:{category}")
 
 
 @pytest.fixture(scope="module")

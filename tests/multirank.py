@@ -10,22 +10,20 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
-import socket
 import traceback
 
 import torch
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tidar_megatron.net import free_port
 
 
 def _worker(rank, world_size, port, body, args, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from tidar_megatron.console import quiet_third_party_warnings
+
+    quiet_third_party_warnings()  # as the entry points do: the children's stderr is shown on failure
     try:
         torch.set_num_threads(1)
         result = body(rank, world_size, *args)
@@ -37,7 +35,8 @@ def _worker(rank, world_size, port, body, args, queue):
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         try:
-            from tidar_megatron import distributed
+            from tidar_megatron.training import distributed
+
             distributed.destroy()
         except Exception:
             pass
@@ -48,7 +47,7 @@ def run_on_ranks(world_size: int, body, *args, timeout: float = 600, env: dict |
     before triton is first imported)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     # Not daemonic: dist_checkpointing starts writer processes of its own.
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, body, args, queue))
              for r in range(world_size)]

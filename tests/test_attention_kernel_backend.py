@@ -10,11 +10,11 @@ L, B = 16, 4
 
 
 def _train(rank, world_size, backend):
-    from tidar_megatron import distributed
-    from tidar_megatron.batch import from_token_windows
     from tidar_megatron.config import load_config
+    from tidar_megatron.data.batch import from_token_windows
     from tidar_megatron.layout import TiDARLayout
-    from tidar_megatron.trainer import build_trainer
+    from tidar_megatron.training import distributed
+    from tidar_megatron.training.trainer import build_trainer
 
     cfg = load_config("tiny", ["--train.seq_length", str(L), "--tidar.draft_block_size", str(B),
                                "--model.vocab_size", "64", "--model.attention_backend", backend,

@@ -6,7 +6,7 @@ import logging
 import pytest
 from torch.distributed.checkpoint.api import CheckpointException
 
-from tidar_megatron import checkpoint
+from tidar_megatron.training import checkpoint
 
 
 class _FailingQueue:
@@ -17,9 +17,7 @@ class _FailingQueue:
 
 
 def _failing_saves():
-    saves = checkpoint.AsyncSaves.__new__(checkpoint.AsyncSaves)
-    saves.strategy, saves._queue = "mcore", _FailingQueue()
-    return saves
+    return checkpoint.AsyncSaves(queue=_FailingQueue())
 
 
 def test_failed_background_save_warns_and_training_goes_on(caplog):
@@ -54,7 +52,7 @@ def _publish_without_the_temporary(rank, world_size, directory):
 
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        checkpoint._publish(directory, "iter_0000005", keep_last=2)
+        checkpoint.publish(directory, "iter_0000005", keep_last=2)
     except checkpoint.CheckpointError as e:
         return str(e)
     finally:
@@ -78,14 +76,16 @@ def _results_queue_after_preemption_signals(rank, world_size):
 
     from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 
+    from tidar_megatron.compat.megatron_patches import results_queue_manager
+
     saves = checkpoint.AsyncSaves((signal.SIGTERM, signal.SIGUSR1))
-    manager = checkpoint._shielded_managers[get_write_results_queue.__module__]
+    manager = results_queue_manager(get_write_results_queue.__module__)
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # what Slurm sends to every process of the step
-        os.kill(manager._process.pid, sig)
+        os.kill(manager.pid, sig)
     time.sleep(1)
     queue = get_write_results_queue()  # the queue megatron-core's writers will use
     queue.put("written")
-    return saves.strategy, manager._process.is_alive(), queue.get()
+    return saves.strategy, manager.is_alive(), queue.get()
 
 
 def test_async_writers_result_queue_survives_preemption_signals():

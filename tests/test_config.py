@@ -36,7 +36,7 @@ def test_dotted_overrides_are_typed():
     (["--modle.num_layers", "2"], "unknown section(s) ['modle']"),
     (["--tidar.draft_block_size", "0"], "tidar.draft_block_size must be >= 1"),
     (["--model.num_query_groups", "3"], "must be a multiple of model.num_query_groups"),
-    (["--tidar.mask_token_id", "100000"], "tidar.mask_token_id (100000)"),
+    (["--model.vocab_size", "256", "--tidar.mask_token_id", "100000"], "tidar.mask_token_id (100000)"),
     (["--parallel.context_parallel", "2"], "context_parallel > 1 is not supported"),
     (["--parallel.virtual_pipeline", "2"], "parallel.virtual_pipeline (2) needs"),
     (["--train.lr_warmup_steps", "500"], "train.lr_warmup_steps (500)"),

@@ -54,7 +54,7 @@ def _logits(model, cfg, tokens):
             hidden = torch.empty(layout.seq_len, tokens.shape[0], cfg.model.hidden_size)
             torch.distributed.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(hidden)
-        out = model(ids, pos)
+        out = model(ids, pos, layout=layout)
         if not ps.is_pipeline_last_stage():
             torch.distributed.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
             return None
@@ -63,9 +63,9 @@ def _logits(model, cfg, tokens):
 
 def _load(ckpt):
     """The model of an imported checkpoint, as training would build it: its config.yaml, then --init.from."""
-    from tidar_megatron.checkpoint import load_model_weights
     from tidar_megatron.config import load_config
     from tidar_megatron.model import build_model
+    from tidar_megatron.training.checkpoint import load_model_weights
 
     cfg = load_config(str(Path(ckpt) / "config.yaml"))
     chunks = build_model(cfg, on_gpu=False)
@@ -74,8 +74,9 @@ def _load(ckpt):
 
 
 def _import_all(rank, world_size, hf_dirs, out, tokens):
-    from tidar_megatron import convert, distributed
+    from tidar_megatron import convert
     from tidar_megatron.config import Config
+    from tidar_megatron.training import distributed
 
     distributed.initialize(Config())
     logits = {}
@@ -90,11 +91,11 @@ def _import_all(rank, world_size, hf_dirs, out, tokens):
 
 
 def _parallel(rank, world_size, ckpts, tokens, train_dir):
-    from tidar_megatron import checkpoint, distributed
-    from tidar_megatron.batch import from_token_windows
     from tidar_megatron.config import load_config
+    from tidar_megatron.data.batch import from_token_windows
     from tidar_megatron.layout import TiDARLayout
-    from tidar_megatron.trainer import build_trainer
+    from tidar_megatron.training import checkpoint, distributed
+    from tidar_megatron.training.trainer import build_trainer
 
     cfg = load_config("tiny", TRAIN)
     distributed.initialize(cfg)
@@ -115,9 +116,10 @@ def _parallel(rank, world_size, ckpts, tokens, train_dir):
 def _roundtrip(rank, world_size, export_dir, train_dir, import_dir, out):
     from megatron.core import dist_checkpointing
 
-    from tidar_megatron import convert, distributed
-    from tidar_megatron.checkpoint import load_model_weights
+    from tidar_megatron import convert
     from tidar_megatron.config import Config, from_dict, load_config
+    from tidar_megatron.training import distributed
+    from tidar_megatron.training.checkpoint import load_model_weights
 
     distributed.initialize(Config())
     out = Path(out)
@@ -127,9 +129,9 @@ def _roundtrip(rank, world_size, export_dir, train_dir, import_dir, out):
     reimported = convert.import_hf_local(export_dir, out / "reimport", 2, 2)
     params = []
     for ckpt in (train_dir, reimported):
-        path = convert._resolve_checkpoint(Path(ckpt))
+        path = convert.resolve_checkpoint(Path(ckpt))
         cfg = from_dict(dist_checkpointing.load_common_state_dict(str(path))["config"])
-        model = convert._build(cfg)
+        model = convert.single_rank_model(cfg)
         load_model_weights([model], path)
         params.append({n: p.detach().clone() for n, p in model.named_parameters()})
     result["reimport"] = params
@@ -140,7 +142,7 @@ def _roundtrip(rank, world_size, export_dir, train_dir, import_dir, out):
 
     # A checkpoint whose saved config does not match its tensors.
     good = load_config("tiny", ["--model.vocab_size", str(VOCAB)])
-    model = convert._build(good)
+    model = convert.single_rank_model(good)
     bad = load_config("tiny", ["--model.vocab_size", str(VOCAB), "--model.ffn_hidden_size", "128"])
     (out / "bad" / "iter_0000000").mkdir(parents=True)
     dist_checkpointing.save({"model": model.sharded_state_dict(), "config": bad.to_dict()},
@@ -314,7 +316,7 @@ def test_export_refuses_to_overwrite_without_force(tmp_path, capsys):
 
 def test_mapping_round_trip_without_megatron():
     """hf_to_megatron then megatron_to_hf gives back every tensor (pure tensors, no model)."""
-    from tidar_megatron.convert_mapping import config_from_hf, hf_to_megatron, megatron_to_hf
+    from tidar_megatron.convert.mapping import config_from_hf, hf_to_megatron, megatron_to_hf
 
     hf = dict(SMALL, model_type="qwen3", head_dim=24, num_key_value_heads=2)
     g = torch.Generator().manual_seed(0)
@@ -364,7 +366,7 @@ def test_mapping_round_trip_without_megatron():
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
 ])
 def test_unsupported_hf_configs_are_one_line_errors(change, message):
-    from tidar_megatron.convert_mapping import ConvertError, config_from_hf
+    from tidar_megatron.convert.mapping import ConvertError, config_from_hf
 
     with pytest.raises(ConvertError, match=message) as error:
         config_from_hf({**SMALL, "model_type": "llama", **change}, set(), source="x/config.json")

@@ -8,9 +8,11 @@ import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from tidar_megatron.data.dataset import TiDARBatches, TokenIds, build_gpt_datasets
+from tidar_megatron.layout import TiDARLayout
 
 HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
 EOD, VOCAB, MASK = 1, 300, 300
+LAYOUT = TiDARLayout.for_training(16, 4)
 
 
 def test_missing_dali_is_a_clear_error(monkeypatch):
@@ -19,7 +21,7 @@ def test_missing_dali_is_a_clear_error(monkeypatch):
     from tidar_megatron.data import dali_loader
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(ImportError, match=r"pip install 'tidar_megatron\[dali\]'.*data.loader: megatron"):
-        dali_loader.DaliTiDARBatches(None, 2, 4, MASK)
+        dali_loader.DaliTiDARBatches(None, 2, LAYOUT, MASK)
 
 
 @pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed (pip install 'tidar_megatron[dali]')")
@@ -33,8 +35,8 @@ def test_dali_batches_equal_default_loader(tmp_path):
     builder.finalize(str(tmp_path / "c.idx"))
     train = build_gpt_datasets([str(tmp_path / "c")], "100,0,0", 16, 3, TokenIds(EOD, VOCAB), [64, None, None],
                                cache_dir=str(tmp_path / "cache"))[0]
-    default = TiDARBatches(train, 2, 4, MASK, consumed_samples=6, dp_rank=1, dp_size=2)
-    dali = DaliTiDARBatches(train, 2, 4, MASK, consumed_samples=6, dp_rank=1, dp_size=2, device="cpu")
+    default = TiDARBatches(train, 2, LAYOUT, MASK, consumed_samples=6, dp_rank=1, dp_size=2)
+    dali = DaliTiDARBatches(train, 2, LAYOUT, MASK, consumed_samples=6, dp_rank=1, dp_size=2, device="cpu")
     for _ in range(5):
         want, got = next(default), next(dali)
         assert set(got) == set(want)

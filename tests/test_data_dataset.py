@@ -5,12 +5,13 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-from tidar_megatron.batch import from_gpt_batch
+from tidar_megatron.data.batch import from_gpt_batch
 from tidar_megatron.data.dataset import TiDARBatches, TokenIds, build_gpt_datasets
 from tidar_megatron.layout import TiDARLayout
 
 EOD, VOCAB, MASK = 1, 500, 500
 SEQ, BLOCK = 16, 4
+LAYOUT = TiDARLayout.for_training(SEQ, BLOCK)
 
 
 def write_corpus(prefix, num_docs, offset, seed):
@@ -91,14 +92,14 @@ def test_splits_and_blends_are_deterministic_by_seed(corpora, tmp_path):
 
 def test_resume_continues_on_the_next_unseen_sample(corpora, tmp_path):
     train = build(corpora, tmp_path)[0]
-    run = TiDARBatches(train, micro_batch_size=2, block_size=BLOCK, mask_token_id=MASK)
+    run = TiDARBatches(train, micro_batch_size=2, layout=LAYOUT, mask_token_id=MASK)
     uninterrupted = [next(run) for _ in range(5)]
-    early = TiDARBatches(train, 2, BLOCK, MASK)
+    early = TiDARBatches(train, 2, LAYOUT, MASK)
     for _ in range(2):
         next(early)
     state = early.state_dict()
     assert state == {"consumed_samples": 4}
-    resumed = TiDARBatches(train, 2, BLOCK, MASK, num_workers=1)  # prefetching must not move the position
+    resumed = TiDARBatches(train, 2, LAYOUT, MASK, num_workers=1)  # prefetching must not move the position
     resumed.load_state_dict(state)
     for want in uninterrupted[2:]:
         got = next(resumed)
@@ -108,15 +109,15 @@ def test_resume_continues_on_the_next_unseen_sample(corpora, tmp_path):
 
 def test_data_parallel_slices_and_tensor_parallel_copies(corpora, tmp_path):
     train = build(corpora, tmp_path)[0]
-    whole = next(TiDARBatches(train, 4, BLOCK, MASK))
-    rank0 = next(TiDARBatches(train, 2, BLOCK, MASK, dp_rank=0, dp_size=2))
-    rank1 = next(TiDARBatches(train, 2, BLOCK, MASK, dp_rank=1, dp_size=2))
+    whole = next(TiDARBatches(train, 4, LAYOUT, MASK))
+    rank0 = next(TiDARBatches(train, 2, LAYOUT, MASK, dp_rank=0, dp_size=2))
+    rank1 = next(TiDARBatches(train, 2, LAYOUT, MASK, dp_rank=1, dp_size=2))
     assert torch.equal(torch.cat([rank0["input_ids"], rank1["input_ids"]]), whole["input_ids"])
     # Two TP ranks of data-parallel rank 1 build their batches independently and get the same one.
-    tp_peer = next(TiDARBatches(train, 2, BLOCK, MASK, dp_rank=1, dp_size=2))
+    tp_peer = next(TiDARBatches(train, 2, LAYOUT, MASK, dp_rank=1, dp_size=2))
     assert all(torch.equal(tp_peer[k], rank1[k]) for k in rank1)
 
 
 def test_missing_data_prefix_names_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.bin/.idx not found; create them with tidar-tokenize"):
+    with pytest.raises(FileNotFoundError, match="nope.bin/.idx not found; create them with `tidar-megatron tokenize`"):
         build_gpt_datasets([str(tmp_path / "nope")], "100,0,0", SEQ, 1, TokenIds(EOD, VOCAB), [10, 0, 0])

@@ -128,5 +128,5 @@ def test_train_tokenizer_command(tmp_path, capsys):
     assert main(["--input", str(tmp_path / "docs.jsonl"), "--output", str(out), "--vocab-size", "400"]) == 0
     tok = Tokenizer(str(out))
     assert tok.vocab_size == 400 and tok.decode(tok.encode(AWKWARD[0])) == AWKWARD[0]
-    assert main(["--input", str(tmp_path / "nothing"), "--output", str(out)]) == 1
+    assert main(["--input", str(tmp_path / "nothing"), "--output", str(out)]) == 2
     assert "nothing: input not found" in capsys.readouterr().err

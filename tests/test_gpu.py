@@ -11,11 +11,11 @@ L, B, VOCAB = 64, 16, 128
 
 
 def _backends_bf16(rank, world_size, backends):
-    from tidar_megatron import distributed
-    from tidar_megatron.batch import from_token_windows
     from tidar_megatron.config import load_config
+    from tidar_megatron.data.batch import from_token_windows
     from tidar_megatron.layout import TiDARLayout
     from tidar_megatron.model import build_model
+    from tidar_megatron.training import distributed
 
     def cfg(backend):
         return load_config("tiny", ["--train.seq_length", str(L), "--tidar.draft_block_size", str(B),
@@ -39,10 +39,10 @@ def _backends_bf16(rank, world_size, backends):
 
 
 def _sdpa_core(rank, world_size):
-    from tidar_megatron import distributed
     from tidar_megatron.config import load_config
     from tidar_megatron.layout import TiDARLayout
     from tidar_megatron.model import build_model
+    from tidar_megatron.training import distributed
 
     cfg = load_config("tiny", ["--train.seq_length", str(L), "--tidar.draft_block_size", str(B), "--train.bf16", "true"])
     distributed.initialize(cfg)

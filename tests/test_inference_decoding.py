@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.inference.hf_checkpoint import load_hf_model
 from tidar_megatron.layout import TiDARLayout
-from tidar_megatron.inference.hf_checkpoint import load_hf_model, save_weights
-from tidar_megatron.inference.toy_training import repetitive_corpus, tiny_hf_checkpoint, train_tidar
+from tidar_megatron.testing import repetitive_corpus, save_weights, tiny_hf_checkpoint, train_tidar
 
 pytest.importorskip("transformers")  # only to write the tiny checkpoints
 

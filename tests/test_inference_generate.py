@@ -5,7 +5,7 @@ import re
 import pytest
 
 from tidar_megatron.inference.generate import main
-from tidar_megatron.inference.toy_training import tiny_hf_checkpoint
+from tidar_megatron.testing import tiny_hf_checkpoint
 
 pytest.importorskip("transformers")
 

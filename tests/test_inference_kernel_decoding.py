@@ -17,11 +17,11 @@ PROMPTS = [[7], [3, 14, 15, 92, 65], list(range(20, 37))]
 
 
 def _compare(rank, world_size, model_dir):
-    from tidar_megatron.inference.decoding import Decoder
-    from tidar_megatron.inference.toy_training import tiny_hf_checkpoint
-    from tidar_megatron.layout import TiDARLayout
-
     import tidar_kernels.tidar_attention as kernels
+
+    from tidar_megatron.inference.decoding import Decoder
+    from tidar_megatron.layout import TiDARLayout
+    from tidar_megatron.testing import tiny_hf_checkpoint
 
     calls = []
     real = kernels.tidar_attention

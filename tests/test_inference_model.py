@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tidar_megatron.inference.decoding import Decoder
-from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.inference.hf_checkpoint import load_hf_model
-from tidar_megatron.inference.toy_training import tiny_hf_checkpoint
+from tidar_megatron.layout import TiDARLayout
+from tidar_megatron.testing import tiny_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

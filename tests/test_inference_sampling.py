@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tidar_megatron.inference.decoding import Decoder
-from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.inference.sampling import SamplingConfig, probabilities, verify_drafts
-from tidar_megatron.inference.toy_training import tiny_hf_checkpoint
+from tidar_megatron.layout import TiDARLayout
+from tidar_megatron.testing import tiny_hf_checkpoint
 
 SIGNIFICANCE_Z = 3.09  # one-sided normal quantile of 1 - 1e-3
 

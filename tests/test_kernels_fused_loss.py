@@ -5,10 +5,10 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from tidar_kernels.fused_loss import linear_cross_entropy, tidar_dual_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tidar_kernels.fused_loss import linear_cross_entropy, tidar_dual_loss
 from tidar_megatron.layout import TiDARLayout
 
 

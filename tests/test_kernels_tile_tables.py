@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
 from tidar_kernels.tidar_attention import skipped_tile_fraction
 from tidar_kernels.tile_tables import tile_tables
+
 from tidar_megatron.layout import TILE_FULL, TILE_PARTIAL, TILE_SKIP, TiDARLayout
 
 

@@ -7,7 +7,7 @@ computed at once over the whole batch.
 import pytest
 import torch
 
-from tidar_megatron.loss import TokenCounts, combine, tidar_loss
+from tidar_megatron.training.loss import TokenCounts, combine, tidar_loss
 
 
 def _batch(seed=0, rows=6, seq=24):

@@ -27,14 +27,14 @@ def _sdpa_reference(q, k, v, keep, scale):
 
 
 def _suite(rank, world_size):
-    from tidar_megatron import distributed
-    from tidar_megatron.attention import FlexTiDARAttention
-    from tidar_megatron.batch import from_token_windows
+    from tidar_megatron.data.batch import from_token_windows
     from tidar_megatron.layout import TiDARLayout
-    from tidar_megatron.loss import TokenCounts
     from tidar_megatron.model import build_model
-    from tidar_megatron.step import make_forward_step
-    from tidar_megatron.trainer import build_trainer
+    from tidar_megatron.model.attention import FlexTiDARAttention
+    from tidar_megatron.training import distributed
+    from tidar_megatron.training.forward_step import make_forward_step
+    from tidar_megatron.training.loss import TokenCounts
+    from tidar_megatron.training.trainer import build_trainer
 
     cfg = _cfg("--tidar.alpha", "0.5")
     distributed.initialize(cfg)
@@ -55,9 +55,9 @@ def _suite(rank, world_size):
     ref = _sdpa_reference(q, k, v, layout.dense_mask(), d ** -0.5)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
     out["local_vs_sdpa"] = [(local.detach(), ref.detach())] + list(zip(local_grads, ref_grads))
-    flex = FlexTiDARAttention(model.config, 1, None, None, draft_block_size=B)
+    flex = FlexTiDARAttention(model.config, 1, None, None)
     with torch.no_grad():
-        out["flex_vs_sdpa"] = (flex(q.detach(), k.detach(), v.detach(), None), ref.detach())
+        out["flex_vs_sdpa"] = (flex(q.detach(), k.detach(), v.detach(), layout.to_tensor()), ref.detach())
 
     # 2. No leak: changing clean token t changes no logit that is trained to predict it.
     model.eval()
@@ -84,7 +84,7 @@ def _suite(rank, world_size):
     batch["ar_mask"][0, 3] = 0
     batch["diff_mask"][1, L + 5] = 0
     counts = TokenCounts.of([batch])
-    step = make_forward_step(cfg.tidar.alpha, counts, num_microbatches=1, dp_size=1)
+    step = make_forward_step(layout, cfg.tidar.alpha, counts, num_microbatches=1, dp_size=1)
     with torch.no_grad():
         output, loss_func = step(iter([batch]), model)
         share, stats = loss_func(output)
@@ -148,3 +148,77 @@ def test_optimizer_steps_lower_both_losses(suite):
     last = {k: sum(m[k] for m in h[-3:]) / 3 for k in ("loss_ar", "loss_diff")}
     assert last["loss_ar"] < 0.5 * first["loss_ar"], (first, last)
     assert last["loss_diff"] < 0.8 * first["loss_diff"], (first, last)
+
+
+class _SdpaCoreAttention(torch.nn.Module):
+    """A reference core attention: torch SDPA with a dense mask fixed at construction (True = keep)."""
+
+    def __init__(self, keep, scale):
+        super().__init__()
+        self.keep, self.scale = keep, scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        return _sdpa_reference(query, key, value, self.keep, self.scale)
+
+
+def _layouts_suite(rank, world_size):
+    """Every CPU backend run with non-default layouts (causal, a decoding pass, training): the output and
+    the gradient of the inputs' embeddings against the same weights with SDPA and the layout's dense mask,
+    and the layout each backend's core attention was handed."""
+    from tidar_megatron.layout import TiDARLayout
+    from tidar_megatron.model import build_model
+    from tidar_megatron.training import distributed
+
+    distributed.initialize(_cfg())
+    layouts = {"causal": TiDARLayout.causal(2 * L), "decoding": TiDARLayout.for_decoding(9, B),
+               "training": TiDARLayout.for_training(L, B)}
+    models = {}
+    for backend in ("local", "flex", "kernel"):
+        models[backend] = build_model(_cfg("--model.attention_backend", backend), on_gpu=False)[0]
+        models[backend].load_state_dict(models["local"].state_dict())
+    g = torch.Generator().manual_seed(3)
+    out = {}
+    for name, layout in layouts.items():
+        ids = torch.randint(0, VOCAB, (2, layout.seq_len), generator=g)
+        positions = layout.position_ids
+        reference = build_model(_cfg(), on_gpu=False)[0]
+        reference.load_state_dict(models["local"].state_dict())
+        for layer in reference.decoder.layers:
+            core = layer.self_attention.core_attention
+            layer.self_attention.core_attention = _SdpaCoreAttention(layout.dense_mask(), core.softmax_scale)
+        expected = reference(ids, positions, attention_mask=torch.zeros(1, dtype=torch.bool), layout=layout)
+        expected.sum().backward()
+        expected_grad = reference.embedding.word_embeddings.weight.grad.clone()
+        for backend, model in models.items():
+            seen = []
+            core = model.decoder.layers[0].self_attention.core_attention
+            hook = core.register_forward_pre_hook(lambda m, args: seen.append(args[3]))
+            model.zero_grad()
+            if backend == "flex":  # FlexAttention has no backward on the CPU
+                with torch.no_grad():
+                    got, grad = model(ids, positions, layout=layout), None
+            else:
+                got = model(ids, positions, layout=layout)
+                got.sum().backward()
+                grad = model.embedding.word_embeddings.weight.grad.clone()
+            hook.remove()
+            applied = seen[0] if backend == "local" else TiDARLayout.from_tensor(seen[0]).dense_mask()
+            out[name, backend] = (got.detach(), expected.detach(), grad, expected_grad, applied, layout.dense_mask())
+    return out
+
+
+@pytest.mark.slow
+def test_every_backend_applies_the_layout_it_is_given():
+    """The structure issue's rule: the layout reaches attention through the model's forward, on every
+    backend, so a causal or decoding layout is never replaced by the training mask."""
+    results = run_on_ranks(1, _layouts_suite)[0]
+    for (name, backend), (got, expected, grad, expected_grad, applied, keep) in results.items():
+        where = f"{backend} backend, {name} layout"
+        if backend == "local":
+            assert torch.equal(applied, ~keep[None, None]), where  # Megatron polarity: True = masked
+        else:
+            assert torch.equal(applied, keep), where
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=where)
+        if grad is not None:  # relative to the largest entry: the sum's gradient reaches ~1e2
+            assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max(), where

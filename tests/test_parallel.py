@@ -24,11 +24,11 @@ def _windows():
 def _train(rank, world_size, overrides, windows):
     from megatron.core import parallel_state as ps
 
-    from tidar_megatron import distributed
-    from tidar_megatron.batch import from_token_windows
     from tidar_megatron.config import load_config
+    from tidar_megatron.data.batch import from_token_windows
     from tidar_megatron.layout import TiDARLayout
-    from tidar_megatron.trainer import build_trainer
+    from tidar_megatron.training import distributed
+    from tidar_megatron.training.trainer import build_trainer
 
     cfg = load_config("tiny", BASE + overrides)
     distributed.validate_layout(cfg, world_size)

@@ -25,7 +25,7 @@ def _args(corpus, ckpt_dir, *extra):
 
 
 def _run_train(rank, world_size, args):
-    from tidar_megatron.train import train
+    from tidar_megatron.training.loop import train
 
     result = train(load_config("tiny", args))
     return [(h["step"], h["loss"], h["loss_ar"], h["loss_diff"]) for h in result.get("history", [])], \
@@ -118,10 +118,10 @@ def _resume_dir_at(src, dst, step):
 
 def _nan_steps(rank, world_size, args):
     """A poisoned token id gives a NaN loss: that step is skipped (no update, no LR step), others train."""
-    from tidar_megatron import distributed
-    from tidar_megatron.batch import from_token_windows
+    from tidar_megatron.data.batch import from_token_windows
     from tidar_megatron.layout import TiDARLayout
-    from tidar_megatron.trainer import build_trainer
+    from tidar_megatron.training import distributed
+    from tidar_megatron.training.trainer import build_trainer
 
     cfg = load_config("tiny", args)
     distributed.initialize(cfg)
@@ -171,7 +171,7 @@ def test_diverging_run_stops_with_a_clear_message(corpus, tmp_path):
       "--train.global_batch_size", "6", "--train.micro_batch_size", "2"], "multiple of parallel.pipeline_parallel"),
 ])
 def test_impossible_layouts_fail_before_process_groups(overrides, message):
-    from tidar_megatron.distributed import validate_layout
+    from tidar_megatron.training.distributed import validate_layout
 
     cfg = load_config("tiny", overrides)
     with pytest.raises(ConfigError, match=message):
@@ -179,10 +179,11 @@ def test_impossible_layouts_fail_before_process_groups(overrides, message):
 
 
 def test_train_command_reports_config_errors_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "tidar_megatron.train", "--config", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "tidar_megatron", "train", "--config", "tiny",
                            "--model.attention_backend", "nope"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "attention_backend" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, nothing before it
+    assert proc.stderr.startswith("tidar-megatron train: error:") and "attention_backend" in proc.stderr
 
 
 @pytest.mark.slow

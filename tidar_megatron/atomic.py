@@ -1,9 +1,11 @@
-"""Publish a file only when it is complete: write under a temporary name beside it, then rename."""
+"""Publish a file or directory only when it is complete: write under a temporary name beside it, then
+rename.  The one write-then-rename helper of the project (checkpoints, exports, tokenized data, plots)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -22,3 +24,35 @@ def atomic_path(path: str | Path):
 def write_atomic(path: str | Path, data: str | bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete directory `tmp` onto `final`; an existing `final` is set aside until the new one is
+    in place (and restored if the move fails), then removed."""
+    old = final.with_name(f".old.{final.name}.{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old.exists():
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(output: str | Path):
+    """Yields a fresh temporary directory beside `output` that becomes `output` only when the block
+    succeeds (replacing an existing one); temporaries left by a killed writer are removed first."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".tmp.{output.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = output.parent / f".tmp.{output.name}.{os.getpid()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

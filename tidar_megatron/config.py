@@ -3,58 +3,98 @@
     cfg = load_config("tiny", ["--model.num_layers", "4", "--train.lr", "1e-3"])
 
 A preset is a name in `configs/` (`tiny`, `1p5b`, `8b`) or a path to a YAML file.  Every value is checked
-once against its field's type and allowed values; errors name the field and what is allowed.
+once against its field's type and allowed values; errors name the field, where the value came from (the
+YAML file or the command line) and, for a misspelt name, the nearest field.  `describe()` lists every field
+with its type, default, allowed values and help: `tidar-megatron train --help`.
+
+The vocabulary is the tokenizer's, as in Megatron-LM: `model.vocab_size` and `tidar.mask_token_id` default
+to `data.tokenizer`'s (`resolve_vocabulary`, called before any process group starts); an explicit value is
+checked against it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from tidar_megatron.errors import TiDARError
+from tidar_megatron.layout import TiDARLayout
 
 ATTENTION_BACKENDS = ("local", "flex", "te", "kernel")
 ALIASES = {"init.from": "checkpoint.init_from", "resume": "checkpoint.resume"}
 
 
-class ConfigError(ValueError):
+class ConfigError(TiDARError, ValueError):
     pass
 
 
-@dataclass
-class ModelConfig:
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
-    ffn_hidden_size: int = 192
-    kv_channels: int | None = None        # head dim; None = hidden_size / num_attention_heads
-    vocab_size: int = 256                 # the tokenizer's vocabulary, without the mask token
-    normalization: str = "RMSNorm"
-    norm_epsilon: float = 1e-6
-    activation: str = "swiglu"
-    add_qkv_bias: bool = False
-    qk_layernorm: bool = False
-    tie_embeddings: bool = False
-    rope_base: float = 10000.0
-    init_method_std: float = 0.02
-    attention_backend: str = "local"
-    fused_loss: bool = False              # output projection + cross-entropy in chunks (tidar_kernels)
-    attention_dropout: float = 0.0
-    hidden_dropout: float = 0.0
-    make_vocab_size_divisible_by: int = 128
+def option(default, help: str, choices: tuple | None = None):
+    """A config field with its help text and, optionally, its allowed values (checked on construction)."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class _Section:
+    """Checks every field's allowed values, then the section's own rules (`validate`)."""
 
     def __post_init__(self):
-        _choice("model.normalization", self.normalization, ("RMSNorm", "LayerNorm"))
-        _choice("model.activation", self.activation, ("swiglu", "gelu"))
-        _choice("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        _positive(self, "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                  "ffn_hidden_size", "vocab_size", "make_vocab_size_divisible_by")
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if allowed and value not in allowed:
+                raise ConfigError(f"{self.section_name()}.{f.name} must be one of {', '.join(map(str, allowed))}; "
+                                  f"got {value!r}")
+        self.validate()
+
+    @classmethod
+    def section_name(cls) -> str:
+        return cls.__name__.replace("Config", "").lower()
+
+    def validate(self):
+        pass
+
+    def _positive(self, *names):
+        for n in names:
+            if getattr(self, n) is not None and getattr(self, n) < 1:
+                raise ConfigError(f"{self.section_name()}.{n} must be >= 1, got {getattr(self, n)}")
+
+
+@dataclass
+class ModelConfig(_Section):
+    num_layers: int = option(2, "transformer layers")
+    hidden_size: int = option(64, "model width")
+    num_attention_heads: int = option(4, "query heads")
+    num_query_groups: int = option(2, "key/value heads (grouped-query attention)")
+    ffn_hidden_size: int = option(192, "MLP width")
+    kv_channels: int | None = option(None, "head dim (default: hidden_size / num_attention_heads)")
+    vocab_size: int | None = option(None, "vocabulary rows for token ids (default: data.tokenizer's vocabulary)")
+    normalization: str = option("RMSNorm", "layer norm kind", ("RMSNorm", "LayerNorm"))
+    norm_epsilon: float = option(1e-6, "norm epsilon")
+    activation: str = option("swiglu", "MLP activation", ("swiglu", "gelu"))
+    add_qkv_bias: bool = option(False, "biases on the q/k/v projections (Qwen2)")
+    qk_layernorm: bool = option(False, "RMSNorm of q and k per head (Qwen3)")
+    tie_embeddings: bool = option(False, "share the input embedding and the output layer")
+    rope_base: float = option(10000.0, "RoPE base (theta)")
+    init_method_std: float = option(0.02, "std of the initial weights")
+    attention_backend: str = option("local", "TiDAR attention: local (dense reference), flex (FlexAttention), "
+                                    "te (TransformerEngine bias), kernel (Triton block-sparse)", ATTENTION_BACKENDS)
+    fused_loss: bool = option(False, "output projection + cross-entropy in chunks, never the full logits")
+    attention_dropout: float = option(0.0, "attention dropout")
+    hidden_dropout: float = option(0.0, "hidden dropout")
+    make_vocab_size_divisible_by: int = option(128, "pad the embedding rows to a multiple of this")
+
+    def validate(self):
+        self._positive("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                       "vocab_size", "make_vocab_size_divisible_by")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                               f"model.num_query_groups ({self.num_query_groups})")
@@ -68,28 +108,30 @@ class ModelConfig:
 
 
 @dataclass
-class TiDARConfig:
-    draft_block_size: int = 16
-    mask_token_id: int | None = None      # None = the first id after the tokenizer's vocabulary
-    alpha: float = 1.0                    # L = (alpha * L_AR + L_diff) / (1 + alpha)
+class TiDARConfig(_Section):
+    objective: str = option("tidar", "tidar: the doubled sequence and both losses; ar: the same model as a plain "
+                            "causal LM on the clean tokens (the AR baseline)", ("tidar", "ar"))
+    draft_block_size: int = option(16, "mask tokens per draft block (B)")
+    mask_token_id: int | None = option(None, "the mask token (default: the tokenizer's, else a new id = vocab_size)")
+    alpha: float = option(1.0, "loss = (alpha * L_AR + L_diff) / (1 + alpha)")
 
-    def __post_init__(self):
-        _positive(self, "draft_block_size")
+    def validate(self):
+        self._positive("draft_block_size")
         if self.alpha < 0:
             raise ConfigError(f"tidar.alpha must be >= 0, got {self.alpha}")
 
 
 @dataclass
-class ParallelConfig:
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    virtual_pipeline: int | None = None   # model chunks per pipeline rank (interleaved 1F1B); None: plain 1F1B
-    context_parallel: int = 1
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = True
+class ParallelConfig(_Section):
+    tensor_parallel: int = option(1, "tensor-parallel size")
+    pipeline_parallel: int = option(1, "pipeline-parallel size (1F1B)")
+    virtual_pipeline: int | None = option(None, "model chunks per pipeline rank (interleaved 1F1B); unset: 1F1B")
+    context_parallel: int = option(1, "context parallelism (not supported: must stay 1)")
+    sequence_parallel: bool = option(False, "sequence parallelism (needs TransformerEngine or NVIDIA apex norms)")
+    use_distributed_optimizer: bool = option(True, "shard optimizer state over data-parallel ranks")
 
-    def __post_init__(self):
-        _positive(self, "tensor_parallel", "pipeline_parallel", "context_parallel")
+    def validate(self):
+        self._positive("tensor_parallel", "pipeline_parallel", "context_parallel")
         if self.context_parallel != 1:
             raise ConfigError("parallel.context_parallel > 1 is not supported: the TiDAR mask does not follow "
                               "context parallelism's load-balanced chunking; use tensor/pipeline parallelism")
@@ -102,33 +144,32 @@ class ParallelConfig:
 
 
 @dataclass
-class TrainConfig:
-    seq_length: int = 64                  # clean tokens per sample (the model sees 2x this)
-    micro_batch_size: int = 2
-    global_batch_size: int = 8
-    train_steps: int = 100
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    lr_warmup_steps: int = 10
-    lr_decay_style: str = "cosine"
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    clip_grad: float = 1.0
-    seed: int = 1234
-    bf16: bool = False
-    device: str = "auto"
-    log_interval: int = 10
-    eval_interval: int = 100              # steps between validation runs (0 = never)
-    eval_iters: int = 4                   # global batches per validation run
-    max_nan_skips: int = 5                # consecutive non-finite steps before the run stops
-    exit_interval: int = 0                # save and exit when the step is a multiple of this (0 = never)
-    peak_tflops: float = 989.0            # per-GPU dense bf16 peak for MFU (H100 SXM)
+class TrainConfig(_Section):
+    seq_length: int = option(64, "clean tokens per sample (a TiDAR model sees 2x this)")
+    micro_batch_size: int = option(2, "samples per micro-batch and data-parallel rank")
+    global_batch_size: int = option(8, "samples per optimizer step, all ranks together")
+    train_steps: int = option(100, "optimizer steps")
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr: float = option(3e-5, "final learning rate of the decay")
+    lr_warmup_steps: int = option(10, "linear warm-up steps")
+    lr_decay_style: str = option("cosine", "learning-rate decay", ("constant", "linear", "cosine", "WSD"))
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "Adam beta1")
+    adam_beta2: float = option(0.95, "Adam beta2")
+    clip_grad: float = option(1.0, "gradient-norm clipping")
+    seed: int = option(1234, "seed of initialisation, data order and dropout")
+    bf16: bool = option(False, "bf16 weights and activations with fp32 main weights (GPU)")
+    device: str = option("auto", "auto: CUDA when present; cpu: force the CPU compatibility layer",
+                         ("auto", "cuda", "cpu"))
+    log_interval: int = option(10, "steps between progress lines")
+    eval_interval: int = option(100, "steps between validation runs (0 = never)")
+    eval_iters: int = option(4, "global batches per validation run")
+    max_nan_skips: int = option(5, "consecutive non-finite steps before the run stops")
+    exit_interval: int = option(0, "save and exit when the step is a multiple of this (0 = never)")
+    peak_tflops: float = option(989.0, "per-GPU dense bf16 peak for MFU (H100 SXM)")
 
-    def __post_init__(self):
-        _choice("train.lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine", "WSD"))
-        _choice("train.device", self.device, ("auto", "cuda", "cpu"))
-        _positive(self, "seq_length", "micro_batch_size", "global_batch_size", "train_steps", "log_interval")
+    def validate(self):
+        self._positive("seq_length", "micro_batch_size", "global_batch_size", "train_steps", "log_interval")
         if min(self.eval_interval, self.eval_iters, self.max_nan_skips, self.exit_interval) < 0:
             raise ConfigError("train.eval_interval, eval_iters, max_nan_skips and exit_interval must be >= 0")
         if not 0 <= self.lr_warmup_steps < self.train_steps:
@@ -139,38 +180,31 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
-    blend: list[str] = field(default_factory=list)   # [weight, prefix, weight, prefix, ...] or [prefix]
-    split: str = "98,1,1"
-    tokenizer: str | None = None
-    loader: str = "megatron"
-    cache_dir: str | None = None
-    num_workers: int = 0
-    eod_mask_loss: bool = False
-
-    def __post_init__(self):
-        _choice("data.loader", self.loader, ("megatron", "dali"))
+class DataConfig(_Section):
+    blend: list[str] = option([], "[weight, prefix, weight, prefix, ...] or [prefix]: tokenized .bin/.idx data")
+    split: str = option("98,1,1", "train,valid,test proportions of the documents")
+    tokenizer: str | None = option(None, "the tokenizer the data was tokenized with (.model file or HF directory)")
+    loader: str = option("megatron", "megatron: torch DataLoader; dali: NVIDIA DALI pipeline", ("megatron", "dali"))
+    cache_dir: str | None = option(None, "Megatron's dataset index cache (default: <checkpoint.dir>/data_cache)")
+    num_workers: int = option(0, "DataLoader worker processes")
+    eod_mask_loss: bool = option(False, "do not train on predicting the end-of-document token")
 
 
 @dataclass
-class CheckpointConfig:
-    dir: str = "runs/default"
-    interval: int = 0                     # steps between saves (0 = only at the end and on preemption)
-    keep_last: int = 3
-    # Periodic saves written in a background process while training goes on.  A preemption then waits
-    # for the save in flight and writes its own: leave time for two saves before the job's limit.
-    async_save: bool = False
-    resume: str = "auto"                  # auto: newest loadable checkpoint in dir | none | a path
-    init_from: str | None = None          # weights only, e.g. a converted Hugging Face model
+class CheckpointConfig(_Section):
+    dir: str = option("runs/default", "run directory: checkpoints, train.log, plots")
+    interval: int = option(0, "steps between saves (0 = only at the end and on preemption)")
+    keep_last: int = option(3, "checkpoints kept")
+    # A preemption waits for the save in flight and writes its own: leave time for two saves before the limit.
+    async_save: bool = option(False, "write periodic saves in a background process while training goes on")
+    resume: str = option("auto", "auto: newest loadable checkpoint in dir | none | a checkpoint path")
+    init_from: str | None = option(None, "initial weights only (e.g. `tidar-megatron import-hf` output)")
 
 
 @dataclass
-class LogConfig:
-    wandb_mode: str = "offline"
-    wandb_project: str = "tidar-megatron"
-
-    def __post_init__(self):
-        _choice("log.wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+class LogConfig(_Section):
+    wandb_mode: str = option("offline", "wandb logging", ("offline", "online", "disabled"))
+    wandb_project: str = option("tidar-megatron", "wandb project")
 
 
 @dataclass
@@ -184,12 +218,18 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):
-        if self.tidar.mask_token_id is None:
-            self.tidar.mask_token_id = self.model.vocab_size
-        if not 0 <= self.tidar.mask_token_id <= self.model.vocab_size:
-            raise ConfigError(f"tidar.mask_token_id ({self.tidar.mask_token_id}) must be a token id in "
-                              f"[0, model.vocab_size={self.model.vocab_size}] (vocab_size = a new token)")
-        if self.padded_vocab_size % self.parallel.tensor_parallel:
+        if self.model.vocab_size is None:
+            return  # taken from the tokenizer before training starts (resolve_vocabulary)
+        if self.tidar.mask_token_id is None and not self.data.tokenizer:
+            self.tidar.mask_token_id = self.model.vocab_size  # a new id after the vocabulary
+        self._check_vocabulary()
+
+    def _check_vocabulary(self):
+        mask = self.tidar.mask_token_id
+        if mask is not None and not 0 <= mask <= self.model.vocab_size:
+            raise ConfigError(f"tidar.mask_token_id ({mask}) must be a token id in [0, model.vocab_size="
+                              f"{self.model.vocab_size}] (vocab_size = a new token)")
+        if mask is not None and self.padded_vocab_size % self.parallel.tensor_parallel:
             raise ConfigError(f"the padded vocabulary ({self.padded_vocab_size}) must be divisible by "
                               f"parallel.tensor_parallel ({self.parallel.tensor_parallel}): raise "
                               "model.make_vocab_size_divisible_by")
@@ -199,41 +239,88 @@ class Config:
         """The embedding rows: vocabulary plus the mask token when it is new, padded to a multiple of
         model.make_vocab_size_divisible_by.  Unlike Megatron-LM's padding this does not depend on the TP
         size, so a checkpoint keeps its shapes, and reshards, across layouts."""
+        if self.model.vocab_size is None or self.tidar.mask_token_id is None:
+            raise ConfigError("the vocabulary is not known yet: set data.tokenizer (model.vocab_size and "
+                              "tidar.mask_token_id default to its) or model.vocab_size")
         rows = self.model.vocab_size + (self.tidar.mask_token_id == self.model.vocab_size)
         multiple = self.model.make_vocab_size_divisible_by
         return -(-rows // multiple) * multiple
+
+    @property
+    def layout(self) -> TiDARLayout:
+        """The layout of one training sample: L clean tokens then the draft blocks, or L causal tokens for
+        the AR objective.  Its seq_len is the sequence the model runs on."""
+        t = self.train
+        if self.tidar.objective == "ar":
+            return TiDARLayout.causal(t.seq_length)
+        return TiDARLayout.for_training(t.seq_length, self.tidar.draft_block_size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+def resolve_vocabulary(cfg: Config, vocab_size: int, mask_token_id: int, source: str) -> Config:
+    """Fill model.vocab_size and tidar.mask_token_id from a tokenizer's (ids [0, vocab_size), its mask
+    token), and check explicit values against it.  `source` names the tokenizer in errors."""
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = vocab_size
+    elif cfg.model.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of "
+                          f"{source} ({vocab_size}): drop it (it defaults to the tokenizer's) or set "
+                          f"--model.vocab_size {vocab_size}")
+    if cfg.tidar.mask_token_id is None:
+        cfg.tidar.mask_token_id = mask_token_id
+    cfg._check_vocabulary()
+    return cfg
+
+
 # --- loading -------------------------------------------------------------------------------------
+def preset_dir():
+    """configs/ of a checkout, else the copy installed with the package (tidar_megatron/presets)."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if checkout.is_dir():
+        return checkout
+    return resources.files("tidar_megatron") / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
 def load_config(preset: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a preset (a name in configs/ or a YAML path) and apply `--section.field value` overrides."""
     path = Path(preset)
     if not path.suffix:
-        path = CONFIG_DIR / f"{preset}.yaml"
-    if not path.is_file():
-        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise ConfigError(f"config {preset!r} not found (looked for {path}); presets: {', '.join(names)}")
+        names = preset_names()
+        if str(preset) not in names:
+            near = difflib.get_close_matches(str(preset), names, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ConfigError(f"config {preset!r} not found: {hint}presets: {', '.join(names)} (or a YAML path)")
+        text, source = (preset_dir() / f"{preset}.yaml").read_text(), f"configs/{preset}.yaml"
+    elif not path.is_file():
+        raise ConfigError(f"config {path} not found: give a preset name ({', '.join(preset_names())}) or a YAML path")
+    else:
+        text, source = path.read_text(), str(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        raise ConfigError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model, tidar, parallel, train, data)")
+        raise ConfigError(f"{source}: expected a mapping of sections (model, tidar, parallel, train, data)")
+    from_cli = set()
     for key, value in parse_overrides(overrides or []):
         key = ALIASES.get(key, key)
         section, _, name = key.partition(".")
         if not name:
-            raise ConfigError(f"override --{key}: use --section.field (e.g. --model.num_layers 4)")
+            raise ConfigError(f"--{key} (command line): use --section.field (e.g. --model.num_layers 4)")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
-            raise ConfigError(f"override --{key}: {section} is not a section")
+            raise ConfigError(f"--{key} (command line): {section} is not a section")
         raw[section][name] = value
-    return from_dict(raw, source=str(path))
+        from_cli.add((section, name))
+    return from_dict(raw, source=source, from_cli=from_cli)
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
@@ -242,44 +329,67 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.field value")
+            raise ConfigError(f"unexpected argument {arg!r} (command line): overrides look like --section.field value")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
             i += 1
-        elif i + 1 < len(args):
+        elif i + 1 < len(args) and not _is_override(args[i + 1]):
             key, value = arg[2:], args[i + 1]
             i += 2
         else:
-            raise ConfigError(f"override {arg} has no value")
+            raise ConfigError(f"override {arg} (command line) has no value")
         out.append((key, yaml.safe_load(value)))
     return out
 
 
-def from_dict(raw: dict, source: str = "<dict>") -> Config:
+def _is_override(arg: str) -> bool:
+    return arg.startswith("--") and "." in arg.split("=")[0] and not arg[2:3].isdigit()
+
+
+def from_dict(raw: dict, source: str = "<dict>", from_cli: set | None = None) -> Config:
+    """A Config from nested dicts; `from_cli`: the (section, field) pairs given on the command line, so
+    that errors about them name the command line rather than `source`."""
+    from_cli = from_cli or set()
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
-    unknown = set(raw) - set(sections)
-    if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; sections: {', '.join(sections)}")
-    kwargs = {name: _build(hints[name], raw.get(name) or {}, name, source) for name in sections}
+    for name in raw:
+        if name not in sections:
+            cli = any(s == name for s, _ in from_cli)
+            near = difflib.get_close_matches(name, sections, n=1)
+            hint = f"did you mean {'--' if cli else ''}{near[0]}?; " if near else ""
+            where = f"--{name}.* (command line)" if cli else f"{source}"
+            raise ConfigError(f"{where}: unknown section(s) [{name!r}]; {hint}sections: {', '.join(sections)}")
+    kwargs = {name: _build(hints[name], raw.get(name) or {}, name, source, from_cli) for name in sections}
     try:
         return Config(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{_where(source, from_cli)}: {e}") from None
 
 
-def _build(cls, values: dict, section: str, source: str):
+def _where(source: str, from_cli) -> str:
+    return f"{source} with the command-line overrides" if from_cli else source
+
+
+def _build(cls, values: dict, section: str, source: str, from_cli: set):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {section} must be a mapping of fields, got {values!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = set(values) - set(names)
-    if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(f'{section}.{u}' for u in sorted(unknown))}; "
-                          f"{section} has: {', '.join(names)}")
-    coerced = {k: _coerce(v, hints[k], f"{section}.{k}", source) for k, v in values.items()}
+    for key in values:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            cli = (section, key) in from_cli
+            dash = "--" if cli else ""
+            hint = f"; did you mean {dash}{section}.{near[0]}?" if near else f"; {section} has: {', '.join(names)}"
+            where = f"--{section}.{key} (command line)" if cli else source
+            raise ConfigError(f"{where}: unknown field(s) {section}.{key}{hint}")
+    coerced = {k: _coerce(v, hints[k], f"{section}.{k}", f"--{section}.{k} (command line)"
+                          if (section, k) in from_cli else source) for k, v in values.items()}
     try:
         return cls(**coerced)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        cli_fields = [k for k in values if (section, k) in from_cli]
+        raise ConfigError(f"{_where(source, cli_fields)}: {e}") from None
 
 
 def _coerce(value, typ, name: str, source: str):
@@ -308,16 +418,30 @@ def _coerce(value, typ, name: str, source: str):
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"{source}: {name} must be {getattr(typ, '__name__', typ)}, got {value!r}")
+    raise ConfigError(f"{source}: {name} must be {_type_name(typ)}, got {value!r}")
 
 
-def _choice(name: str, value, allowed):
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+def _type_name(typ) -> str:
+    args = typing.get_args(typ)
+    if type(None) in args:
+        return _type_name(next(a for a in args if a is not type(None))) + " or null"
+    if typing.get_origin(typ) is list:
+        return f"list of {_type_name(typing.get_args(typ)[0])}"
+    return getattr(typ, "__name__", str(typ))
 
 
-def _positive(obj, *names):
-    section = type(obj).__name__.replace("Config", "").lower()
-    for n in names:
-        if getattr(obj, n) < 1:
-            raise ConfigError(f"{section}.{n} must be >= 1, got {getattr(obj, n)}")
+def describe() -> str:
+    """Every field as `--section.field TYPE  help (default X; one of ...)`, section by section."""
+    hints = typing.get_type_hints(Config)
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = hints[section.name]
+        lines.append(f"\n{section.name}:")
+        field_hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            choices = f.metadata.get("choices")
+            allowed = f"; one of {', '.join(map(str, choices))}" if choices else ""
+            lines.append(f"  --{section.name}.{f.name} {_type_name(field_hints[f.name]).upper()}")
+            lines.append(f"      {f.metadata.get('help', '')} (default {default!r}{allowed})")
+    return "\n".join(lines)

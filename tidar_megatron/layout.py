@@ -24,12 +24,12 @@ three per-row arrays `clean_end`, `block_lo`, `block_hi`, so the rule is stated 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import torch
 
-# Tile classes for block-sparse kernels.
-TILE_SKIP, TILE_PARTIAL, TILE_FULL = 0, 1, 2
+# The tile codes the kernels read (tidar_kernels defines them; it does not import this module).
+from tidar_kernels.block_mask import TILE_FULL, TILE_PARTIAL, TILE_SKIP  # noqa: F401
 
 
 def _visible(query, key, clean_end, block_lo, block_hi):
@@ -90,6 +90,42 @@ class TiDARLayout:
     @cached_property
     def seq_len(self) -> int:
         return self.clean_len + sum(e - s for s, e in zip(self.block_starts, self.block_ends))
+
+    def block_rows(self, j: int) -> range:
+        """The sequence indices of draft block j (its mask tokens)."""
+        first = self.clean_len + sum(e - s for s, e in zip(self.block_starts[:j], self.block_ends[:j]))
+        return range(first, first + self.block_ends[j] - self.block_starts[j])
+
+    @cached_property
+    def full_block_rows(self) -> torch.Tensor:
+        """[n, block_size] int64: the rows of every block that has block_size tokens, in order."""
+        rows = [list(self.block_rows(j)) for j in range(self.num_blocks)
+                if self.block_ends[j] - self.block_starts[j] == self.block_size]
+        return torch.tensor(rows, dtype=torch.long).view(len(rows), self.block_size)
+
+    @cached_property
+    def draft_offsets(self) -> torch.Tensor:
+        """[seq_len] int64: a mask token's offset r inside its block (it drafts block start + r); -1 for
+        clean rows."""
+        offsets = torch.full((self.seq_len,), -1, dtype=torch.long)
+        for j in range(self.num_blocks):
+            rows = self.block_rows(j)
+            offsets[rows.start:rows.stop] = torch.arange(len(rows))
+        return offsets
+
+    # --- a layout as a tensor, to travel through Megatron ----------------------------------------
+    def to_tensor(self) -> torch.Tensor:
+        """[3 + 2 * num_blocks] int64 (CPU): the layout in a form Megatron passes to core attention as its
+        `attention_mask`.  Megatron's activation recompute checkpoints only tensor arguments (it encodes
+        its own mask type as a tensor for the same reason), so a layout object would not survive it."""
+        return torch.tensor([self.clean_len, self.block_size, self.num_blocks, *self.block_starts,
+                             *self.block_ends], dtype=torch.long)
+
+    @staticmethod
+    def from_tensor(encoded: torch.Tensor) -> "TiDARLayout":
+        """The layout `to_tensor` encoded; equal layouts come back as one object, so every cache keyed
+        by the layout (block masks, tile tables) is hit."""
+        return _decoded(tuple(encoded.tolist()))
 
     # --- per-row arrays: the single description every derived form uses ----------------------
     @cached_property
@@ -188,9 +224,6 @@ class TiDARLayout:
         out[empty] = TILE_SKIP
         return torch.nn.functional.pad(out, (0, 0, skipped_tiles, 0), value=TILE_SKIP)
 
-    def skipped_tile_fraction(self, tile_q: int, tile_k: int) -> float:
-        return (self.tile_classes(tile_q, tile_k) == TILE_SKIP).float().mean().item()
-
     # --- training targets ------------------------------------------------------------------------
     def training_inputs(self, tokens: torch.Tensor, mask_token_id: int) -> torch.Tensor:
         """[b, L] clean tokens -> [b, seq_len] input ids: the clean tokens, then the mask blocks."""
@@ -220,3 +253,11 @@ class TiDARLayout:
     def _check_training(self, tokens: torch.Tensor):
         if tokens.shape[-1] != self.clean_len:
             raise ValueError(f"expected {self.clean_len} clean tokens per sample, got {tokens.shape[-1]}")
+
+
+@lru_cache(maxsize=64)
+def _decoded(values: tuple[int, ...]) -> TiDARLayout:
+    clean_len, block_size, n = values[:3]
+    if len(values) != 3 + 2 * n:
+        raise ValueError(f"not an encoded TiDARLayout: {len(values)} values for {n} blocks")
+    return TiDARLayout(clean_len, block_size, tuple(values[3:3 + n]), tuple(values[3 + n:]))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .atomic import atomic_path
-from .layout import TiDARLayout
+from tidar_megatron.atomic import atomic_path
+from tidar_megatron.console import entry_point
+from tidar_megatron.layout import TiDARLayout
 
 
 def _pyplot():
@@ -57,27 +58,73 @@ def _moving_average(values, window: int) -> list[float]:
     return out
 
 
-def draw_losses(history: list[dict], path: str | Path, keys=("loss", "loss_ar", "loss_diff")) -> Path:
-    """Loss curves from per-step metric dicts (each with a 'step' and the keys): raw and smoothed."""
+def _curve(ax, points, label, smooth: bool):
+    steps, values = zip(*points)
+    if not smooth:
+        return ax.plot(steps, values, marker="o", ms=3, label=label)
+    line, = ax.plot(steps, values, alpha=0.25, lw=0.8)
+    ax.plot(steps, _moving_average(values, max(len(values) // 30, 1)), color=line.get_color(), label=label)
+
+
+def draw_training(history: list[dict], validation: list[dict], path: str | Path) -> Path:
+    """Training losses (raw and smoothed) and validation losses against steps; beside them, when the run
+    validates drafts, the estimated tokens per pass and the draft accuracy at each block offset."""
     plt = _pyplot()
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in keys:
+    drafts = [v for v in validation if "est_tokens_per_pass" in v]
+    fig, axes = plt.subplots(1, 2 if drafts else 1, figsize=(13 if drafts else 7, 4), squeeze=False)
+    ax = axes[0, 0]
+    for key in ("loss", "loss_ar", "loss_diff"):
         points = [(h["step"], h[key]) for h in history if key in h]
-        if not points:
-            continue
-        steps, values = zip(*points)
-        line, = ax.plot(steps, values, alpha=0.25, lw=0.8)
-        ax.plot(steps, _moving_average(values, max(len(values) // 30, 1)), color=line.get_color(), label=key)
+        if points:
+            _curve(ax, points, f"train {key}", smooth=True)
+        points = [(v["step"], v[key]) for v in validation if key in v]
+        if points:
+            _curve(ax, points, f"valid {key}", smooth=False)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats)")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
+    if drafts:
+        ax = axes[0, 1]
+        _curve(ax, [(v["step"], v["est_tokens_per_pass"]) for v in drafts], "estimated tokens per pass", False)
+        ax.set_xlabel("step")
+        ax.set_ylabel("tokens per forward pass (greedy, estimated)")
+        twin = ax.twinx()
+        last = drafts[-1]["draft_accuracy"]
+        for r in sorted({0, 1, len(last) // 2, len(last) - 1}):
+            points = [(v["step"], v["draft_accuracy"][r]) for v in drafts]
+            steps, values = zip(*points)
+            twin.plot(steps, values, ls="--", lw=1, label=f"draft accuracy, offset {r}")
+        twin.set_ylabel("draft accuracy")
+        twin.set_ylim(0, 1)
+        twin.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)
     return path
 
 
+def draw_acceptance(by_block_size: dict, path: str | Path) -> Path:
+    """Per block size: how many decoding passes kept 1, 2, ..., B tokens (greedy TiDAR)."""
+    plt = _pyplot()
+    path = Path(path)
+    n = len(by_block_size)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.5), squeeze=False)
+    for ax, (block, report) in zip(axes[0], by_block_size.items()):
+        hist = report["acceptance_histogram"]
+        ax.bar(range(1, len(hist) + 1), hist, color="tab:blue")
+        ax.set_title(f"block {block}: {report['tokens_per_pass']:.2f} tokens per pass", fontsize=9)
+        ax.set_xlabel("tokens kept by a pass")
+        ax.set_ylabel("passes")
+        ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+@entry_point("tidar-megatron layout")
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

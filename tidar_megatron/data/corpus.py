@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from tidar_megatron.errors import TiDARError
+
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd"}
 
 
-class InputError(Exception):
+class InputError(TiDARError):
     """A problem with the inputs that stops the run (missing file, missing optional dependency)."""
 
 
@@ -86,14 +88,28 @@ def open_binary(path: str):
     return open(path, "rb")
 
 
-def find_inputs(paths: list[str], glob: str = "**/*") -> list[str]:
-    """Expand files and directories (recursively, with `glob`) into a sorted, de-duplicated file list."""
+def is_binary(path: str) -> bool:
+    """A file that is not text: a NUL byte in its first 8 KiB, as git and grep decide (compressed inputs
+    are text once decompressed)."""
+    if is_compressed(path):
+        return False
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
+
+
+def find_inputs(paths: list[str], glob: str = "**/*", text_only: bool = True) -> list[str]:
+    """Expand files and directories (recursively, with `glob`) into a sorted, de-duplicated file list.
+
+    From directories only text files are taken (`text_only`): a source tree's `__pycache__/*.pyc`, images
+    or archives are not documents.  Files named explicitly are always taken (and reported if bad)."""
     found: list[str] = []
     for p in paths:
         if os.path.isdir(p):
             matches = sorted(str(f) for f in Path(p).glob(glob) if f.is_file())
+            if text_only:
+                matches = [f for f in matches if not is_binary(f)]
             if not matches:
-                raise InputError(f"{p}: no files match --glob '{glob}'")
+                raise InputError(f"{p}: no {'text ' if text_only else ''}files match --glob '{glob}'")
             found.extend(matches)
         elif os.path.isfile(p):
             found.append(p)
@@ -144,12 +160,13 @@ def plan_chunks(files: list[str], chunk_bytes: int) -> list[Chunk]:
     return chunks
 
 
-def _file_doc(path: str, raw: bytes) -> str | DocError:
+def _file_doc(path: str, raw: bytes) -> str | DocError | None:
+    """A whole file as one document; None for an empty file (an empty __init__.py is no error)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return DocError(path, raw.count(b"\n", 0, e.start) + 1, f"invalid UTF-8 at byte {e.start}")
-    return text if text else DocError(path, 1, "empty document")
+    return text or None
 
 
 def _jsonl_docs(path: str, lines: Iterator[bytes], text_key: str):
@@ -178,8 +195,9 @@ def _parse_json_line(path: str, raw: bytes, n: int, text_key: str) -> str | DocE
     return text if text else DocError(path, n, "empty document")
 
 
-def read_chunk(chunk: Chunk, text_key: str = "text") -> Iterator[tuple[int, str | DocError]]:
-    """Yield (input bytes consumed, the document's text or a DocError), in input order."""
+def read_chunk(chunk: Chunk, text_key: str = "text") -> Iterator[tuple[int, str | DocError | None]]:
+    """Yield (input bytes consumed, the document's text, a DocError, or None for an empty file), in input
+    order."""
     if len(chunk.paths) == 1 and is_jsonl(chunk.paths[0]):
         path = chunk.paths[0]
         with open_binary(path) as f:

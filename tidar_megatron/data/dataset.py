@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader, default_collate
 
-from tidar_megatron.batch import from_gpt_batch
+from tidar_megatron.data.batch import from_gpt_batch
 from tidar_megatron.layout import TiDARLayout
 
 
@@ -44,7 +44,8 @@ def build_gpt_datasets(blend, split: str, sequence_length: int, seed: int, token
     labels [L] (next tokens), loss_mask [L], position_ids [L].
 
     `tokenizer` needs `eod`, `vocab_size`, `unique_identifiers` (our `Tokenizer`, or `TokenIds`).
-    `num_samples` are the samples each split must provide (None: one epoch); `cache_dir` holds the
+    `num_samples` are the samples each split must provide (None: one epoch; 0: the split is not built, it
+    returns None); `cache_dir` holds the
     shuffle/sample index files, which are keyed by the config, so two builds with the same seed agree.
     Call on every rank: Megatron's builder synchronises ranks when torch.distributed is initialised.
     """
@@ -55,21 +56,34 @@ def build_gpt_datasets(blend, split: str, sequence_length: int, seed: int, token
     prefixes, weights = parse_blend(blend)
     for p in prefixes:
         if not (os.path.exists(f"{p}.idx") and os.path.exists(f"{p}.bin")):
-            raise FileNotFoundError(f"data prefix {p}: {p}.bin/.idx not found; create them with tidar-tokenize")
+            raise FileNotFoundError(f"data prefix {p}: {p}.bin/.idx not found; create them with `tidar-megatron tokenize`")
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=sequence_length, blend=(list(prefixes), weights), split=split,
         path_to_cache=cache_dir, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss, create_attention_mask=False,  # TiDAR's mask comes from the layout
         mid_level_dataset_surplus=0.005)
-    _check_splits_have_tokens(prefixes, config.split_matrix, num_samples, split)
+    for i, wanted in enumerate(num_samples):
+        if wanted == 0:
+            config.split_matrix[i] = None
+    check_splits_have_tokens(blend, split, num_samples)
     return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
 
 
-def _check_splits_have_tokens(prefixes, split_matrix, num_samples, split: str):
-    """Megatron loops forever building a split that has samples to give but no tokens; say so instead.
-    Document ranges are computed as Megatron's builder computes them."""
+def check_splits_have_tokens(blend, split: str, num_samples):
+    """Megatron loops forever building a split that has samples to give but no tokens; say so instead
+    (a ConfigError, so a run can check it before any process group).  Document ranges are computed as
+    Megatron's builder computes them."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                        parse_and_normalize_split)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    from tidar_megatron.config import ConfigError
+
+    try:
+        split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except Exception:  # Megatron asserts on a malformed split
+        raise ConfigError(f"data.split={split!r}: give three non-negative proportions, e.g. 98,1,1") from None
+    prefixes, _ = parse_blend(blend)
     for prefix in prefixes:
         index = IndexedDataset(prefix)
         num_docs = len(index.document_indices) - 1
@@ -80,7 +94,7 @@ def _check_splits_have_tokens(prefixes, split_matrix, num_samples, split: str):
             seqs = index.document_indices[beg:end + 1]
             tokens = int(index.sequence_lengths[seqs[0]:seqs[-1]].sum()) if end > beg else 0
             if tokens == 0:
-                raise ValueError(f"data prefix {prefix}: the {name} split of data.split={split!r} holds no "
+                raise ConfigError(f"data prefix {prefix}: the {name} split of data.split={split!r} holds no "
                                  f"tokens ({num_docs} documents in all); add data or change data.split")
 
 
@@ -114,12 +128,12 @@ class ResumableTiDARBatches:
     supply `_clean_batches()`: collated GPTDataset batches from `self.sampler()` onwards.
     """
 
-    def __init__(self, dataset, micro_batch_size: int, block_size: int, mask_token_id: int,
+    def __init__(self, dataset, micro_batch_size: int, layout: TiDARLayout, mask_token_id: int,
                  consumed_samples: int = 0, dp_rank: int = 0, dp_size: int = 1):
-        self.dataset, self.mb, self.block_size, self.mask_token_id = dataset, micro_batch_size, block_size, mask_token_id
+        """`layout`: of one sample (the run's `Config.layout`); its clean_len is the dataset's sequence length."""
+        self.dataset, self.mb, self.layout, self.mask_token_id = dataset, micro_batch_size, layout, mask_token_id
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = consumed_samples
-        self._layout: TiDARLayout | None = None
         self._clean = None
 
     def state_dict(self) -> dict:
@@ -143,9 +157,7 @@ class ResumableTiDARBatches:
             self._clean = self._clean_batches()
         batch = next(self._clean)
         self.consumed_samples += self.mb * self.dp_size
-        if self._layout is None:  # the sequence length is known once a sample is seen
-            self._layout = TiDARLayout.for_training(batch["tokens"].shape[1], self.block_size)
-        return from_gpt_batch(self._layout, batch, self.mask_token_id)
+        return from_gpt_batch(self.layout, batch, self.mask_token_id)
 
 
 class TiDARBatches(ResumableTiDARBatches):

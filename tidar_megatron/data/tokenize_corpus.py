@@ -23,9 +23,19 @@ from pathlib import Path
 import numpy as np
 
 from tidar_megatron.atomic import write_atomic
-from tidar_megatron.data.corpus import Chunk, DocError, InputError, find_inputs, is_compressed, is_jsonl, \
-    plan_chunks, read_chunk
-from tidar_megatron.data.tokenizer import MASK_TOKEN, Tokenizer, TokenizerError
+from tidar_megatron.console import entry_point
+from tidar_megatron.data.corpus import (
+    Chunk,
+    DocError,
+    InputError,
+    find_inputs,
+    is_compressed,
+    is_jsonl,
+    plan_chunks,
+    read_chunk,
+)
+from tidar_megatron.data.tokenizer import MASK_TOKEN, Tokenizer
+from tidar_megatron.errors import TiDARError
 
 MAX_ERRORS_KEPT = 100  # per shard; all are counted
 _PROGRESS_EVERY_DOCS = 256
@@ -35,18 +45,18 @@ _PROGRESS_EVERY_BYTES = 4 << 20
 _worker: dict = {}
 
 
-class FatalDocumentError(Exception):
+class FatalDocumentError(TiDARError):
     pass
 
 
 def _megatron_indexed():
-    """megatron.core's indexed_dataset module, imported without its start-up warnings (TE/Apex missing,
-    no rank known) that would bury the progress line; importing megatron.core takes seconds."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets import indexed_dataset
-    warnings.filterwarnings("ignore", message="Could not determine rank")
+    """megatron.core's indexed_dataset module, without its start-up warnings (TE/Apex missing, no rank
+    known) that would bury the progress line, also when called as a library; importing megatron.core
+    takes seconds, so it is imported when needed."""
+    from tidar_megatron.console import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
+    from megatron.core.datasets import indexed_dataset
     return indexed_dataset
 
 
@@ -70,7 +80,7 @@ def _tokenize_chunk(job: tuple[int, Chunk, str]) -> dict:
     index, chunk, prefix = job
     tok, counters, dtype = _worker["tok"], _worker["counters"], _worker["dtype"]
     eod = tok.eod_id
-    stats = {"index": index, "docs": 0, "tokens": 0, "text_bytes": 0, "lines": 0, "error_count": 0,
+    stats = {"index": index, "docs": 0, "tokens": 0, "text_bytes": 0, "lines": 0, "error_count": 0, "empty_files": 0,
              "errors": [], "relative_lines": len(chunk.paths) == 1 and is_jsonl(chunk.paths[0])}
     tmp_bin, tmp_idx = f"{prefix}.bin.tmp", f"{prefix}.idx.tmp"
     builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
@@ -85,6 +95,9 @@ def _tokenize_chunk(job: tuple[int, Chunk, str]) -> dict:
             stats["text_bytes"] += nbytes
             pending[2] += nbytes
             pending[3] += nbytes if plain else 0
+            if doc is None:
+                stats["empty_files"] += 1
+                continue
             if isinstance(doc, DocError):
                 if _worker["on_error"] == "fail":
                     return {**stats, "failed": [doc.path, doc.line, doc.reason]}
@@ -274,7 +287,8 @@ def tokenize_corpus(inputs: list[str], output_prefix: str, tokenizer: str, *, te
     if not keep_shards:
         shutil.rmtree(f"{output_prefix}.shards")
 
-    total = {k: sum(r[k] for r in results.values()) for k in ("docs", "tokens", "text_bytes", "error_count")}
+    total = {k: sum(r.get(k, 0) for r in results.values())
+             for k in ("docs", "tokens", "text_bytes", "error_count", "empty_files")}
     dt = time.time() - t0
     total.update(seconds=dt, shards=len(chunks), resumed_shards=len(done), output=output_prefix,
                  tokens_per_s=total["tokens"] / dt, mb_per_s=total["text_bytes"] / dt / 1e6)
@@ -283,6 +297,7 @@ def tokenize_corpus(inputs: list[str], output_prefix: str, tokenizer: str, *, te
         print(f"done: {total['docs']:,} documents, {total['tokens']:,} tokens, {total['text_bytes'] / 1e6:.1f} MB "
               f"in {dt:.1f}s ({total['tokens_per_s']:,.0f} tok/s, {total['mb_per_s']:.1f} MB/s); "
               f"skipped {total['error_count']} bad documents{more}; "
+              + (f"left out {total['empty_files']} empty files; " if total["empty_files"] else "") +
               f"{len(done)}/{len(chunks)} shards reused; wrote {output_prefix}.bin and .idx", file=sys.stderr)
     return total
 
@@ -298,7 +313,7 @@ class _TimeoutIter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="tidar-megatron tokenize", description=__doc__.splitlines()[0])
     ap.add_argument("--input", nargs="+", required=True, help="files and/or directories (JSONL, text, source; .gz/.zst ok)")
     ap.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
     ap.add_argument("--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory")
@@ -315,14 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@entry_point("tidar-megatron tokenize")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        tokenize_corpus(args.input, args.output_prefix, args.tokenizer, text_key=args.text_key, glob=args.glob,
-                        workers=args.workers, chunk_mb=args.chunk_mb, on_error=args.on_error,
-                        mask_token=args.mask_token, overwrite=args.overwrite, keep_shards=args.keep_shards,
-                        progress=not args.quiet, log_interval=args.log_interval)
-    except (InputError, TokenizerError, FatalDocumentError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    tokenize_corpus(args.input, args.output_prefix, args.tokenizer, text_key=args.text_key, glob=args.glob,
+                    workers=args.workers, chunk_mb=args.chunk_mb, on_error=args.on_error,
+                    mask_token=args.mask_token, overwrite=args.overwrite, keep_shards=args.keep_shards,
+                    progress=not args.quiet, log_interval=args.log_interval)
     return 0

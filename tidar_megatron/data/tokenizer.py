@@ -17,6 +17,8 @@ from typing import Iterable
 import sentencepiece as spm
 
 from tidar_megatron.atomic import write_atomic
+from tidar_megatron.console import entry_point
+from tidar_megatron.errors import TiDARError
 
 MASK_TOKEN = "<|mask|>"
 EOD_TOKEN = "<|endoftext|>"
@@ -25,7 +27,7 @@ _LINES = re.compile(r"\n|[^\n]+")
 _LINE_CACHE_MAX = 1 << 20  # entries; cleared when full
 
 
-class TokenizerError(Exception):
+class TokenizerError(TiDARError):
     pass
 
 
@@ -95,7 +97,7 @@ class Tokenizer:
         self.path, self.mask_token = str(path), mask_token
         p = Path(path)
         if not p.exists():
-            raise TokenizerError(f"tokenizer {path}: not found; train one with tidar-train-tokenizer or pass "
+            raise TokenizerError(f"tokenizer {path}: not found; train one with `tidar-megatron train-tokenizer` or pass "
                                  f"a SentencePiece .model file or a Hugging Face tokenizer directory")
         self._sp = self._hf = None
         try:
@@ -224,13 +226,15 @@ class Tokenizer:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id}, mask_id={self.mask_id})"
 
 
+@entry_point("tidar-megatron train-tokenizer")
 def main(argv: list[str] | None = None) -> int:
     """Console entry: train a SentencePiece model from the same inputs tokenize accepts."""
     import argparse
     import sys
 
-    from tidar_megatron.data.corpus import InputError, find_inputs, iter_texts
-    ap = argparse.ArgumentParser(description="Train a SentencePiece model that is lossless for source code.")
+    from tidar_megatron.data.corpus import find_inputs, iter_texts
+    ap = argparse.ArgumentParser(prog="tidar-megatron train-tokenizer",
+                                 description="Train a SentencePiece model that is lossless for source code.")
     ap.add_argument("--input", nargs="+", required=True, help="files and/or directories (JSONL, text, source)")
     ap.add_argument("--output", required=True, help="the .model file to write")
     ap.add_argument("--vocab-size", type=int, default=32000)
@@ -242,13 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-sentences", type=int, default=2_000_000, help="lines SentencePiece samples from that")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    try:
-        files = find_inputs(args.input, args.glob)
-        per_file = int(args.sample_mb * (1 << 20) / len(files))
-        train_sentencepiece(iter_texts(files, args.text_key, per_file), args.output, args.vocab_size,
-                            args.model_type, args.max_sentences, seed=args.seed)
-    except (InputError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    files = find_inputs(args.input, args.glob)
+    per_file = int(args.sample_mb * (1 << 20) / len(files))
+    train_sentencepiece(iter_texts(files, args.text_key, per_file), args.output, args.vocab_size,
+                        args.model_type, args.max_sentences, seed=args.seed)
     print(repr(Tokenizer(args.output)), file=sys.stderr)
     return 0

@@ -5,7 +5,7 @@
     for step in decoder.stream(prompt_ids, 128, mode="ar", sampling=SamplingConfig(0.8, 0.95), seed=0): ...
 """
 
-from tidar_megatron.inference.decoding import DecodeStats, Decoder, Generation, StreamStep
+from tidar_megatron.inference.decoding import Decoder, DecodeStats, Generation, StreamStep
 from tidar_megatron.inference.hf_checkpoint import load_hf_model
 from tidar_megatron.inference.sampling import SamplingConfig
 

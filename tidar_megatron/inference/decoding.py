@@ -12,6 +12,13 @@ that the next pass overwrites.  Nothing is copied or rolled back.
 
 The prompt is prefilled together with one mask block right after it: its AR logits give the first token and
 the block gives the first drafts, so decoding starts in the same state as after any other pass.
+
+Verification (the paper's beta, section 3.3): the token at each position is chosen from
+beta * AR logits + (1 - beta) * diffusion logits, the diffusion logits being slot 0 of the mask block that
+starts at that position (it saw exactly the tokens before it).  beta = 1 ("Trust AR", the default) is
+lossless: greedy TiDAR output equals greedy AR output, and sampling keeps the AR distribution.  beta < 1
+("Trust Diff" at 0) changes the target: greedy output follows the mixed logits and sampling draws from
+softmax(mixed / T), not from the AR model.
 """
 
 from __future__ import annotations
@@ -22,12 +29,17 @@ from typing import Iterator
 
 import torch
 
+from tidar_megatron.errors import TiDARError
 from tidar_megatron.inference.model import Transformer
 from tidar_megatron.inference.sampling import SamplingConfig, select, verify_drafts
 from tidar_megatron.layout import TiDARLayout
 
 MODES = ("tidar", "ar")
 ATTENTION = ("sdpa", "kernel")
+
+
+class DecodingError(TiDARError, ValueError):
+    """Decoding settings or prompts that cannot work (a one-line message naming the fix)."""
 
 
 def pass_inputs(layouts: list[TiDARLayout], first_rows: list[int], width: int, num_keys: int):
@@ -60,9 +72,25 @@ def _check_kernel_usable(model: Transformer, compile: bool):
     from tidar_kernels.tidar_attention import unsupported
 
     if compile:
-        raise ValueError("attention='kernel' does not run under compile yet: choose one of them")
+        raise DecodingError("attention='kernel' does not run under compile yet: choose one of them")
     if problem := unsupported(model.args.head_dim, model.lm_head.weight.device.type):
-        raise ValueError(f"attention='kernel': {problem}; use attention='sdpa'")
+        raise DecodingError(f"attention='kernel': {problem}; use attention='sdpa'")
+
+
+def _check_beta(beta: float) -> float:
+    if not 0.0 <= beta <= 1.0:
+        raise DecodingError(f"beta must be in [0, 1] (1 = trust AR, 0 = trust the diffusion drafts), got {beta}")
+    return beta
+
+
+def _mixed(ar_logits: torch.Tensor, diffusion_logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """The logits drafts are verified against: beta * AR + (1 - beta) * diffusion."""
+    return ar_logits if beta == 1.0 else beta * ar_logits.float() + (1.0 - beta) * diffusion_logits.float()
+
+
+def _block_rows(layouts: list[TiDARLayout], j: int, device) -> torch.Tensor:
+    """[len(layouts), B] the rows of draft block j of each layout."""
+    return torch.tensor([list(layout.block_rows(j)) for layout in layouts], device=device)
 
 
 @dataclass
@@ -135,9 +163,11 @@ class Decoder:
     """
 
     def __init__(self, model: Transformer, mask_token_id: int | None = None, block_size: int | None = None,
-                 eos_token_ids=(), compile: bool = False, attention: str = "sdpa"):
+                 eos_token_ids=(), compile: bool = False, attention: str = "sdpa", beta: float = 1.0):
         if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+            raise DecodingError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        _check_beta(beta)
+        self.beta = beta
         if attention == "kernel":
             _check_kernel_usable(model, compile)
         self.model, self.mask_token_id, self.block_size = model, mask_token_id, block_size
@@ -153,29 +183,32 @@ class Decoder:
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu", mask_token_id=None, block_size=None,
-                        compile=False, attention="sdpa") -> "Decoder":
+                        compile=False, attention="sdpa", beta: float = 1.0) -> "Decoder":
         """Explicit mask_token_id / block_size override the checkpoint's tidar_* config fields."""
         from tidar_megatron.inference.hf_checkpoint import load_hf_model
         model, fields = load_hf_model(model_dir, dtype, device)
         return cls(model, mask_token_id if mask_token_id is not None else fields.mask_token_id,
-                   block_size or fields.draft_block_size, fields.eos_token_ids, compile, attention)
+                   block_size or fields.draft_block_size, fields.eos_token_ids, compile, attention, beta)
 
     def generate(self, prompts, max_new_tokens: int, mode: str = "tidar", sampling=SamplingConfig(),
-                 seed: int | None = None) -> Generation:
-        steps = list(self.stream(prompts, max_new_tokens, mode, sampling, seed))
+                 seed: int | None = None, block_size: int | None = None, beta: float | None = None) -> Generation:
+        steps = list(self.stream(prompts, max_new_tokens, mode, sampling, seed, block_size, beta))
         batch = len(steps[0].new_tokens)
         return Generation([sum((s.new_tokens[i] for s in steps), []) for i in range(batch)], steps[-1].stats)
 
     def stream(self, prompts, max_new_tokens: int, mode: str = "tidar", sampling=SamplingConfig(),
-               seed: int | None = None) -> Iterator[StreamStep]:
+               seed: int | None = None, block_size: int | None = None,
+               beta: float | None = None) -> Iterator[StreamStep]:
         """Yields after every forward pass the tokens it made final.
 
         prompts: one list of token ids, or a list of them (a batch; lengths may differ).  sampling: greedy by
         default; with a temperature, TiDAR drafts are verified by rejection sampling.  seed: for sampling.
         """
         prompts = [list(prompts)] if isinstance(prompts[0], int) else [list(p) for p in prompts]
-        self._check(prompts, max_new_tokens, mode)
-        block = self.block_size if mode == "tidar" else 1
+        block_size = block_size or self.block_size
+        beta = self.beta if beta is None else _check_beta(beta)
+        self._check(prompts, max_new_tokens, mode, block_size)
+        block = block_size if mode == "tidar" else 1
         longest = max(map(len, prompts))
         # The last pass of a sequence writes one whole decoding pass (pending block + mask blocks) past its prefix.
         pass_len = TiDARLayout.for_decoding(0, block).seq_len
@@ -183,24 +216,26 @@ class Decoder:
         generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         stats = DecodeStats(mode, block, acceptance_histogram=[0] * block)
         stop = _StopRule(len(prompts), max_new_tokens, self.eos_token_ids)
-        run = self._tidar if mode == "tidar" else self._ar
         with torch.inference_mode():
-            yield from run(prompts, sampling, generator, stats, stop)
+            if mode == "tidar":
+                yield from self._tidar(prompts, sampling, generator, stats, stop, block, beta)
+            else:
+                yield from self._ar(prompts, sampling, generator, stats, stop)
 
-    def _check(self, prompts, max_new_tokens, mode):
+    def _check(self, prompts, max_new_tokens, mode, block_size):
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise DecodingError(f"mode must be one of {MODES}, got {mode!r}")
         if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+            raise DecodingError("every prompt needs at least one token")
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if mode == "tidar":
-            if self.mask_token_id is None or self.block_size is None:
-                raise ValueError("TiDAR decoding needs the mask token id and draft block size: the checkpoint's "
+            if self.mask_token_id is None or block_size is None:
+                raise DecodingError("TiDAR decoding needs the mask token id and draft block size: the checkpoint's "
                                  "config.json has no tidar_mask_token_id / tidar_draft_block_size, so pass "
                                  "them (--mask-token-id, --block-size), or use --mode ar")
-            if self.block_size < 2:
-                raise ValueError(f"TiDAR decoding needs block_size >= 2 (got {self.block_size}); "
+            if block_size < 2:
+                raise DecodingError(f"TiDAR decoding needs block_size >= 2 (got {block_size}); "
                                  f"use mode 'ar' for one token per pass")
 
     def _forward(self, tokens, layouts, first_rows, step: bool):
@@ -236,29 +271,33 @@ class Decoder:
         stats.seconds += time.perf_counter() - started
         return emitted, torch.tensor([not f for f in stop.finished], device=self.device)
 
-    def _tidar(self, prompts, sampling, generator, stats, stop):
-        started, block, mask_id = time.perf_counter(), self.block_size, self.mask_token_id
+    def _tidar(self, prompts, sampling, generator, stats, stop, block: int, beta: float):
+        started, mask_id = time.perf_counter(), self.mask_token_id
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         rows = torch.arange(len(prompts), device=self.device)
-        logits = self._prefill(prompts, [mask_id] * block, [TiDARLayout.for_prefill(len(p), block) for p in prompts])
-        token, _ = select(logits[rows, lengths - 1], sampling, generator)
-        first_block = logits[rows[:, None], lengths[:, None] + torch.arange(block, device=self.device)]
-        drafts, draft_probs = select(first_block[:, 1:], sampling, generator)  # its slot 0 drafts `token`
+        prefill = [TiDARLayout.for_prefill(len(p), block) for p in prompts]
+        logits = self._prefill(prompts, [mask_id] * block, prefill)
+        first_block = logits[rows[:, None], _block_rows(prefill, 0, self.device)]  # [b, B, V]
+        # The first token: the prompt's last AR row, and the block's slot 0, which drafts the same position.
+        token, _ = select(_mixed(logits[rows, lengths - 1], first_block[:, 0], beta), sampling, generator)
+        drafts, draft_probs = select(first_block[:, 1:], sampling, generator)
         prefix, pending = lengths, torch.cat([token[:, None], drafts], dim=1)   # prefix m, pending [b, B]
         stats.sequence_passes += len(prompts)
         emitted, active = self._emit(stop, stats, [[t] for t in token.tolist()], started)
         yield StreamStep(emitted, prefix.tolist(), stats)
-        step_layout = TiDARLayout.for_decoding(0, block)  # the pass's shape; the prefix only shifts it
+        # A pass's rows relative to its first (the prefix only shifts them): the pending block, then block
+        # a - 1 for acceptance length a = 1..B, which starts right after the a kept tokens.
+        step_layout = TiDARLayout.for_decoding(0, block)
+        groups = torch.stack([_block_rows([step_layout], j, self.device)[0] for j in range(block)])  # [B, B]
         masks = torch.full((len(prompts), step_layout.seq_len - step_layout.clean_len), mask_id, device=self.device)
         while active.any():
             started = time.perf_counter()
             layouts = [TiDARLayout.for_decoding(m, block) for m in prefix.tolist()]
             logits = self._forward(torch.cat([pending, masks], dim=1), layouts, prefix.tolist(), step=True)
-            accepted, token = verify_drafts(logits[:, :block], pending[:, 1:], draft_probs, sampling, generator)
-            # The layout's mask blocks follow the pending block in order, B rows each, one per acceptance
-            # length a = 1..B; block a starts right after the kept tokens and its slot 0 drafts `token`.
-            chosen_block = logits[:, step_layout.clean_len:].unflatten(1, (step_layout.num_blocks, block))[
-                rows, accepted - 1]
+            # Row i of the pending block predicts position m + i + 1, as does slot 0 of group i + 1.
+            target_logits = _mixed(logits[:, :block], logits[:, groups[:, 0]], beta)
+            accepted, token = verify_drafts(target_logits, pending[:, 1:], draft_probs, sampling, generator)
+            chosen_block = logits[rows[:, None], groups[accepted - 1]]        # its slot 0 drafts `token`
             drafts, new_draft_probs = select(chosen_block[:, 1:], sampling, generator)
             kept, accepted_list = pending.tolist(), accepted.tolist()
             new = [kept[i][1:a] + [t] for i, (a, t) in enumerate(zip(accepted_list, token.tolist()))]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from tidar_megatron.data.tokenizer import TokenizerError
-
-from tidar_megatron.inference.decoding import ATTENTION, MODES, Decoder
+from tidar_megatron.console import entry_point
+from tidar_megatron.convert.hf_config import NOT_A_MODEL_DIR, HFCheckpointNotFound
+from tidar_megatron.inference.decoding import ATTENTION, MODES, Decoder, DecodingError
 from tidar_megatron.inference.sampling import SamplingConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--block-size", type=int, help="draft block size (default: tidar_draft_block_size)")
     p.add_argument("--mask-token-id", type=int, help="mask token (default: tidar_mask_token_id)")
+    p.add_argument("--beta", type=float, default=1.0, help="verify drafts against beta * AR + (1 - beta) * "
+                   "diffusion logits: 1 = trust AR (lossless; sampling keeps the AR distribution), 0 = trust "
+                   "the drafts (changes the output distribution)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
@@ -54,37 +57,37 @@ def load_tokenizer(model_dir: Path):
         return Tokenizer(str(model_dir / "tokenizer.model"))
     if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
         return Tokenizer(str(model_dir))
-    raise FileNotFoundError(f"{model_dir} has no tokenizer.model, tokenizer.json or tokenizer_config.json: "
-                            "pass token ids with --prompt-ids instead")
+    raise DecodingError(f"{model_dir} has no tokenizer.model, tokenizer.json or tokenizer_config.json: "
+                        "pass token ids with --prompt-ids instead")
 
 
 def parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
-        raise ValueError(f"--prompt-ids expects comma-separated integers, got {text!r}") from None
+        raise DecodingError(f"--prompt-ids expects comma-separated integers, got {text!r}") from None
 
 
+@entry_point("tidar-megatron generate")
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, TokenizerError) as error:
-        print(f"tidar-megatron generate: error: {error}", file=sys.stderr)
-        return 2
+    return run(build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise HFCheckpointNotFound(f"--model {model_dir}: not found; {NOT_A_MODEL_DIR}")
     tokenizer = load_tokenizer(model_dir) if args.prompt else None
     prompts = [tokenizer.encode(t) for t in args.prompt] if tokenizer else [parse_ids(t) for t in args.prompt_ids]
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
                                                    else torch.float32)
     decoder = Decoder.from_pretrained(model_dir, dtype, args.device, args.mask_token_id, args.block_size,
-                                      args.compile, args.attention)
+                                      args.compile, args.attention, args.beta)
     sampling = SamplingConfig(args.temperature, args.top_p)
     generated = [[] for _ in prompts]
     shown = ""
+    if len(prompts) == 1 and tokenizer:  # a text completion is streamed right after its prompt
+        print(args.prompt[0], end="", flush=True)
     for step in decoder.stream(prompts, args.max_new_tokens, args.mode, sampling, args.seed):
         for tokens, new in zip(generated, step.new_tokens):
             tokens += new
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         print()
     else:
         for i, tokens in enumerate(generated):
-            print(f"[{i}] " + (tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens))))
+            print(f"[{i}] " + (args.prompt[i] + tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens))))
     print(f"--- {step.stats.summary()} device={args.device}")
     return 0
 

@@ -12,6 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from tidar_megatron.errors import TiDARError
+
+
+class SamplingError(TiDARError, ValueError):
+    pass
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -20,9 +26,9 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise SamplingError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property
     def greedy(self) -> bool:

@@ -16,58 +16,54 @@ import dataclasses
 
 import torch
 
-from .config import Config
+from tidar_megatron.config import Config
+from tidar_megatron.convert.hf_config import MODEL_TYPES, HFConfig, HFConfigError, parse_hf_config
+from tidar_megatron.errors import TiDARError
 
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = MODEL_TYPES
 
 
-class ConvertError(ValueError):
+class ConvertError(TiDARError, ValueError):
     pass
 
 
 # --- config ---------------------------------------------------------------------------------------
-def config_from_hf(hf: dict, weight_names: set[str], tensor_parallel: int | None = None,
+def config_from_hf(hf: dict | HFConfig, weight_names: set[str], tensor_parallel: int | None = None,
                    pipeline_parallel: int | None = None, mask_token_id: int | None = None,
                    base: Config | None = None, source: str = "config.json") -> Config:
-    """A TiDAR `Config` for a Hugging Face config.json (and the names of its weights).
+    """A TiDAR `Config` for a Hugging Face config.json (its contents or `hf_config.read_hf_config`'s
+    reading) and the names of its weights.
 
     The architecture comes from config.json; everything else (training settings, the draft block size, the
     vocabulary padding multiple, the attention backend, TP/PP unless given) from `base`, a preset."""
-    model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise ConvertError(f"{source}: model_type {model_type!r} is not supported; "
-                           f"expected one of {', '.join(ARCHITECTURES)}")
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    try:
+        hf = hf if isinstance(hf, HFConfig) else parse_hf_config(hf, weight_names, source)
+    except HFConfigError as e:
+        raise ConvertError(str(e)) from None
     problems = []
-    if rope_type != "default":
-        problems.append(f"rope type {rope_type!r} (TiDARModel has plain RoPE only)")
-    if hf.get("use_sliding_window"):
+    if hf.rope_type != "default":
+        problems.append(f"rope type {hf.rope_type!r} (TiDARModel has plain RoPE only)")
+    if hf.sliding_window:
         problems.append("use_sliding_window=true (TiDAR attention is full attention)")
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {hf['hidden_act']!r} (only SwiGLU with silu)")
-    layer0 = "model.layers.0."
-    if {layer0 + "self_attn.o_proj.bias", layer0 + "mlp.gate_proj.bias"} & weight_names:
+    if hf.hidden_act != "silu":
+        problems.append(f"hidden_act {hf.hidden_act!r} (only SwiGLU with silu)")
+    if hf.other_biases:
         problems.append("biases on o_proj or the MLP (Megatron's layers here have q/k/v biases only)")
     if problems:
         raise ConvertError(f"{source}: cannot convert: " + "; ".join(problems))
     # A TiDAR export whose mask token was a new id has it as its last row: the tokenizer's vocabulary ends before.
-    exported_mask = hf.get("tidar_mask_token_id")
-    vocab = hf["vocab_size"] - (exported_mask == hf["vocab_size"] - 1)
-    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    head_dim = hf.get("head_dim") or hidden // heads
+    exported_mask = hf.tidar_mask_token_id
+    vocab = hf.vocab_size - (exported_mask == hf.vocab_size - 1)
     if base is None:
         base = Config()
-        base.tidar.draft_block_size = hf.get("tidar_draft_block_size") or base.tidar.draft_block_size
+        base.tidar.draft_block_size = hf.tidar_draft_block_size or base.tidar.draft_block_size
     model = dataclasses.replace(
-        base.model, num_layers=hf["num_hidden_layers"], hidden_size=hidden, num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads, ffn_hidden_size=hf["intermediate_size"],
-        kv_channels=None if head_dim * heads == hidden else head_dim, vocab_size=vocab,
-        normalization="RMSNorm", norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), activation="swiglu",
-        add_qkv_bias=layer0 + "self_attn.q_proj.bias" in weight_names,
-        qk_layernorm=layer0 + "self_attn.q_norm.weight" in weight_names,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))))
+        base.model, num_layers=hf.num_layers, hidden_size=hf.hidden_size, num_attention_heads=hf.num_heads,
+        num_query_groups=hf.num_kv_heads, ffn_hidden_size=hf.intermediate_size,
+        kv_channels=None if hf.head_dim * hf.num_heads == hf.hidden_size else hf.head_dim, vocab_size=vocab,
+        normalization="RMSNorm", norm_epsilon=hf.rms_norm_eps, activation="swiglu",
+        add_qkv_bias=hf.attention_bias, qk_layernorm=hf.qk_norm, tie_embeddings=hf.tie_word_embeddings,
+        rope_base=hf.rope_theta)
     if model.rope_base != int(model.rope_base):
         raise ConvertError(f"{source}: rope_theta {model.rope_base} is not an integer; TiDARModel passes "
                            "RoPE's base to Megatron as an int")

@@ -8,16 +8,15 @@
             cuDNN FusedAttention eligible (TE's `arbitrary` mask always falls back to unfused attention).
     kernel  our Triton block-sparse kernel (tidar_kernels), which skips fully masked tiles.
 
-Every backend takes its mask from a `TiDARLayout`: the training layout of the sequence length by default,
-or the layout the model is called with (`TiDARModel.forward(layout=...)`, e.g. a causal AR baseline).
-`local` and `te` receive it from the model as a mask or bias; `flex` and `kernel` read it from
-`active_layout`, which the model sets for the duration of its forward.
+Every backend takes its mask from the `TiDARLayout` the model's forward is given (`layout_as_mask`), as
+Megatron's `attention_mask` argument: `local` the dense mask, `flex` and `kernel` the layout's tensor
+encoding (`TiDARLayout.to_tensor`), decoded back to the (cached) layout in core attention; `te` a post-scale
+bias through `attention_bias`.  Nothing is carried in a global or context variable, so a forward that
+Megatron re-runs for activation recompute, outside any context of ours, applies the same mask.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
 import functools
 import math
@@ -28,58 +27,48 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from .layout import TiDARLayout
+from tidar_megatron.errors import TiDARError
+from tidar_megatron.layout import TiDARLayout
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(TiDARError, RuntimeError):
     pass
 
 
-@functools.lru_cache(maxsize=8)
-def training_layout(seq_len: int, block_size: int) -> TiDARLayout:
-    if seq_len % 2:
-        raise ValueError(f"a TiDAR training sequence is 2L long (clean tokens, then as many mask tokens), got "
-                         f"{seq_len}; build batches with tidar_megatron.batch.tidar_batch")
-    return TiDARLayout.for_training(seq_len // 2, block_size)
+def layout_as_mask(backend: str, layout: TiDARLayout, device) -> torch.Tensor | None:
+    """What `backend` takes as Megatron's attention_mask for `layout` (te: None, its bias goes separately)."""
+    if backend == "local":
+        return _megatron_mask(layout, device)
+    if backend in ("flex", "kernel"):
+        return layout.to_tensor()  # stays on the CPU: only decoded, never read by a kernel
+    return None
 
 
-_ACTIVE_LAYOUT: contextvars.ContextVar[TiDARLayout | None] = contextvars.ContextVar("tidar_layout", default=None)
-
-
-@contextlib.contextmanager
-def using_layout(layout: TiDARLayout | None):
-    token = _ACTIVE_LAYOUT.set(layout)
-    try:
-        yield
-    finally:
-        _ACTIVE_LAYOUT.reset(token)
-
-
-def active_layout(seq_len: int, block_size: int) -> TiDARLayout:
-    """The layout of the forward in progress, else the training layout of `seq_len`."""
-    layout = _ACTIVE_LAYOUT.get()
-    if layout is None:
-        return training_layout(seq_len, block_size)
-    if layout.seq_len != seq_len:
-        raise ValueError(f"the layout covers {layout.seq_len} tokens but the sequence has {seq_len}")
-    return layout
+@functools.lru_cache(maxsize=4)
+def _megatron_mask(layout: TiDARLayout, device) -> torch.Tensor:
+    return layout.megatron_mask(device)
 
 
 class _LayoutAttention(MegatronModule):
-    """Core attention that derives the TiDAR mask itself.  Megatron calls it with q [s, b, np, hn] and
-    k, v [s, b, ng, hn] (heads of this TP rank) and expects [s, b, np * hn]."""
+    """Core attention that takes the TiDAR layout as its attention_mask (`TiDARLayout.to_tensor`).  Megatron
+    calls it with q [s, b, np, hn] and k, v [s, b, ng, hn] (heads of this TP rank) and expects
+    [s, b, np * hn]."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None, draft_block_size: int = 16):
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        self.draft_block_size = draft_block_size
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is not None:
             raise NotImplementedError("packed sequences are not supported by the TiDAR attention backends")
-        layout = active_layout(query.shape[0], self.draft_block_size)
+        if attention_mask is None or attention_mask.dtype != torch.long:
+            raise ValueError("the flex and kernel backends take the TiDAR layout as attention_mask "
+                             "(TiDARLayout.to_tensor()); call TiDARModel with layout=...")
+        layout = TiDARLayout.from_tensor(attention_mask)
+        if layout.seq_len != query.shape[0]:
+            raise ValueError(f"the layout covers {layout.seq_len} tokens but the sequence has {query.shape[0]}")
         out = self.attend(query, key, value, layout)  # [s, b, np, hn]
         return out.reshape(out.shape[0], out.shape[1], -1)
 
@@ -158,7 +147,7 @@ def apex_available() -> bool:
     return True
 
 
-def layer_spec(backend: str, draft_block_size: int, qk_layernorm: bool, normalization: str) -> ModuleSpec:
+def layer_spec(backend: str, qk_layernorm: bool, normalization: str) -> ModuleSpec:
     """The GPT layer spec with TiDAR attention swapped in (the rest of the layer is Megatron's).
 
     With TransformerEngine on a GPU the layer is TE's (fused norm+linear, needed for sequence parallelism
@@ -181,7 +170,7 @@ def layer_spec(backend: str, draft_block_size: int, qk_layernorm: bool, normaliz
     else:
         module = {"flex": FlexTiDARAttention, "kernel": KernelTiDARAttention}[backend]
         attn.params["attn_mask_type"] = AttnMaskType.no_mask
-        attn.submodules.core_attention = ModuleSpec(module=module, params={"draft_block_size": draft_block_size})
+        attn.submodules.core_attention = module
     return spec
 
 

@@ -4,12 +4,12 @@ Only two things change relative to GPTModel, and only those are overridden:
   * RoPE is applied at the layout's position ids (GPTModel's RoPE would use 0..S-1 and ignore them), so a
     mask token carries the position of the token it drafts;
   * attention follows the layout's rule, through the backend chosen in the layer spec (attention.py).
+    The forward is handed the `TiDARLayout` explicitly and passes it down as Megatron's `attention_mask`:
+    the dense mask (local), a post-scale bias (te) or the layout's tensor encoding (flex, kernel).
 Embeddings, layers, TP/PP/SP, the vocab-parallel output layer and cross-entropy are Megatron's.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from . import attention
-from .config import Config
+from tidar_megatron.config import Config
+from tidar_megatron.model import attention
 
 
 def transformer_config(cfg: Config, on_gpu: bool) -> TransformerConfig:
@@ -74,10 +74,9 @@ class TiDARModel(GPTModel):
         attention.check_backend_available(backend, on_gpu)
         super().__init__(
             config=transformer_config(cfg, on_gpu),
-            transformer_layer_spec=attention.layer_spec(backend, cfg.tidar.draft_block_size,
-                                                        cfg.model.qk_layernorm, cfg.model.normalization),
+            transformer_layer_spec=attention.layer_spec(backend, cfg.model.qk_layernorm, cfg.model.normalization),
             vocab_size=cfg.padded_vocab_size,
-            max_sequence_length=2 * cfg.train.seq_length,
+            max_sequence_length=cfg.layout.seq_len,
             pre_process=pre_process,
             post_process=post_process,
             share_embeddings_and_output_weights=cfg.model.tie_embeddings,
@@ -87,7 +86,7 @@ class TiDARModel(GPTModel):
         )
         self.backend = backend
         self.fused_loss = cfg.model.fused_loss
-        self.draft_block_size = cfg.tidar.draft_block_size
+        self.default_layout = cfg.layout
         self._te_backend_checked = False
 
     # --- RoPE at the layout's positions --------------------------------------------------------
@@ -103,26 +102,37 @@ class TiDARModel(GPTModel):
         return tuple(out)
 
     # --- attention mask for the chosen backend -------------------------------------------------
-    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, layout=None, **kwargs):
+    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, layout=None, score=False,
+                **kwargs):
         """input_ids [b, S] (clean tokens then mask blocks), position_ids [S] or [b, S] from the layout,
         labels [b, S] (optional) -> per-token cross-entropy [b, S]; without labels -> logits [b, S, V/tp].
-        `layout`: the TiDARLayout of the sequence (default: the training layout of S = 2L tokens)."""
-        layout = layout or attention.training_layout(position_ids.shape[-1], self.draft_block_size)
-        if attention_mask is None and self.backend in ("local", "te"):
-            device = position_ids.device
-            if self.backend == "local":
-                attention_mask = _megatron_mask(layout, device)
-            else:
-                kwargs.setdefault("extra_block_kwargs", {})["attention_bias"] = attention.te_attention_bias(
-                    layout, self.config.params_dtype, device)
-        if labels is not None and self.fused_loss:
+        `layout`: the TiDARLayout of the sequence (default: the config's training layout).  `score` (with
+        labels): [b, S, 2], the cross-entropy and each row's argmax id (vocab-parallel), for validation."""
+        layout = layout or self.default_layout
+        if input_ids is not None and layout.seq_len != input_ids.shape[-1]:
+            raise ValueError(f"the layout covers {layout.seq_len} tokens but the batch has {input_ids.shape[-1]}")
+        if attention_mask is None:
+            attention_mask = attention.layout_as_mask(self.backend, layout, position_ids.device)
+        if self.backend == "te":
+            kwargs.setdefault("extra_block_kwargs", {})["attention_bias"] = attention.te_attention_bias(
+                layout, self.config.params_dtype, position_ids.device)
+        if labels is not None and score:
+            kwargs["output_processor"] = self._scored_per_token
+        elif labels is not None and self.fused_loss:
             kwargs["output_processor"] = self._fused_per_token_loss
-        with attention.using_layout(layout):
-            output = super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
+        output = super().forward(input_ids, position_ids, attention_mask, labels=labels, **kwargs)
         if self.backend == "te" and not self._te_backend_checked:
             attention.assert_te_fused_backend()
             self._te_backend_checked = True
         return output
+
+    def _scored_per_token(self, hidden_states, output_layer, output_weight, labels, compute_language_model_loss,
+                          **_):
+        """GPTModel's output hook for validation: [b, S, 2] of (cross-entropy, argmax id) per row."""
+        logits, _ = output_layer(hidden_states, weight=output_weight)  # [s, b, V/tp]
+        losses = compute_language_model_loss(labels, logits)           # [b, s]
+        argmax = vocab_parallel_argmax(logits, self.tp_group).transpose(0, 1)
+        return torch.stack([losses.float(), argmax.float()], dim=-1)   # ids < 2^24 are exact in fp32
 
 
     def _fused_per_token_loss(self, hidden_states, output_weight, labels, config, **_):
@@ -145,9 +155,18 @@ class TiDARModel(GPTModel):
         return losses.view(b, s)
 
 
-@functools.lru_cache(maxsize=4)
-def _megatron_mask(layout, device):
-    return layout.megatron_mask(device)
+def vocab_parallel_argmax(logits: torch.Tensor, group) -> torch.Tensor:
+    """[..., V/tp] logits of this rank's vocabulary shard -> [...] global argmax ids (lowest id on ties)."""
+    local_max, local_id = logits.float().max(-1)
+    tp = group.size() if group is not None else 1
+    if tp == 1:
+        return local_id
+    local_id = local_id + logits.shape[-1] * group.rank()
+    best = local_max.clone()
+    torch.distributed.all_reduce(best, op=torch.distributed.ReduceOp.MAX, group=group)
+    candidate = torch.where(local_max == best, local_id, torch.full_like(local_id, torch.iinfo(local_id.dtype).max))
+    torch.distributed.all_reduce(candidate, op=torch.distributed.ReduceOp.MIN, group=group)
+    return candidate
 
 
 def build_model(cfg: Config, on_gpu: bool | None = None) -> list[TiDARModel]:

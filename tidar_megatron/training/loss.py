@@ -4,6 +4,9 @@ The per-token cross-entropy comes from Megatron (vocab-parallel under TP).  Mean
 *global* batch: `TokenCounts` holds the number of counted AR and diffusion targets summed over all
 micro-batches and data-parallel ranks, and each micro-batch contributes its exact share, so the result does
 not depend on how the batch is split into micro-batches or ranks (even with loss-masked padding).
+
+A batch without diffusion targets (`tidar.objective: ar`, the causal layout) has L = L_AR: alpha only
+weighs the two halves against each other.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class TokenCounts:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             counts = counts.to(device)
             torch.distributed.all_reduce(counts, group=group)
-        return cls(ar=max(counts[0].item(), 1.0), diff=max(counts[1].item(), 1.0))
+        return cls(ar=max(counts[0].item(), 1.0), diff=counts[1].item())
 
 
 def tidar_loss(per_token_loss: torch.Tensor, ar_mask: torch.Tensor, diff_mask: torch.Tensor,
@@ -41,7 +44,10 @@ def tidar_loss(per_token_loss: torch.Tensor, ar_mask: torch.Tensor, diff_mask: t
     per_token_loss = per_token_loss.float()
     ar_sum = (per_token_loss * ar_mask).sum()
     diff_sum = (per_token_loss * diff_mask).sum()
-    share = (alpha * ar_sum / counts.ar + diff_sum / counts.diff) / (1.0 + alpha)
+    if counts.diff == 0:  # the AR objective
+        share = ar_sum / counts.ar
+    else:
+        share = (alpha * ar_sum / counts.ar + diff_sum / counts.diff) / (1.0 + alpha)
     stats = {
         "ar": torch.stack([ar_sum.detach(), ar_mask.sum().float()]),
         "diff": torch.stack([diff_sum.detach(), diff_mask.sum().float()]),
@@ -59,4 +65,6 @@ def combine(stats: list[dict], alpha: float, group=None) -> dict[str, float]:
         torch.distributed.all_reduce(flat, group=group)
     loss_ar = (flat[0] / flat[1].clamp(min=1)).item()
     loss_diff = (flat[2] / flat[3].clamp(min=1)).item()
+    if flat[3] == 0:  # the AR objective
+        return {"loss": loss_ar, "loss_ar": loss_ar}
     return {"loss": (alpha * loss_ar + loss_diff) / (1 + alpha), "loss_ar": loss_ar, "loss_diff": loss_diff}

@@ -1,19 +1,23 @@
-"""A tiny TiDAR trainer for `model.Transformer`, for tests and CPU benchmarks of the decoder.
+"""Helpers for the tests and benchmarks (not used by the stack itself): a tiny TiDAR trainer for the
+decoder's `model.Transformer`, random Hugging Face checkpoints, and writing trained weights back.
 
 Decoding is only interesting on a model whose drafts get accepted; a few hundred CPU steps on a repetitive
-corpus give one without the Megatron stack.  The loss is the training stack's (tidar_megatron.loss):
+corpus give one without the Megatron stack.  The loss is the training stack's (tidar_megatron.training.loss):
 (alpha * AR cross-entropy on the clean half + diffusion cross-entropy on the mask blocks) / (1 + alpha),
 over `TiDARLayout.for_training`'s doubled sequence.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
-from tidar_megatron import loss
 from tidar_megatron.inference.model import Transformer
 from tidar_megatron.layout import TiDARLayout
+from tidar_megatron.training import loss
 
 
 def repetitive_corpus(num_sequences: int, seq_len: int, token_ids: list[int], num_cycles: int = 1,
@@ -81,3 +85,11 @@ def tiny_hf_checkpoint(model_dir, model_type: str = "qwen2", seed: int = 0, **co
     config = config_classes[model_type](**settings)
     model_classes[model_type](config).save_pretrained(model_dir)
     return config.to_dict()
+
+
+def save_weights(model: Transformer, model_dir: str | Path):
+    """Overwrites the safetensors weights of an existing HF directory with `model`'s."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.args.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    save_file(state, str(Path(model_dir) / "model.safetensors"), metadata={"format": "pt"})

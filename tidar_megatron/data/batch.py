@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import TiDARLayout
+from tidar_megatron.layout import TiDARLayout
 
 
 def tidar_batch(layout: TiDARLayout, tokens: torch.Tensor, labels: torch.Tensor, mask_token_id: int,

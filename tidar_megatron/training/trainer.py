@@ -13,10 +13,10 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from . import loss
-from .config import Config
-from .model import build_model
-from .step import make_forward_step
+from tidar_megatron.config import Config
+from tidar_megatron.model import build_model
+from tidar_megatron.training import loss, validation
+from tidar_megatron.training.forward_step import make_forward_step
 
 
 @dataclass
@@ -69,19 +69,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, microbatches: list[dict]) -> dict:
+        """Losses and draft quality (validation.py) over `microbatches` (any multiple of the pipeline size)."""
         for chunk in self.model:
             chunk.eval()
         try:
-            stats = self._forward_backward(microbatches, forward_only=True)
+            stats = self._forward_backward(microbatches, forward_only=True, score=True)
         finally:
             for chunk in self.model:
                 chunk.train()
-        return _broadcast_from_last_stage(
-            loss.combine(stats, self.cfg.tidar.alpha, parallel_state.get_data_parallel_group()))
+        group = parallel_state.get_data_parallel_group()
+        metrics = loss.combine(stats, self.cfg.tidar.alpha, group) if stats else {}
+        if stats:
+            metrics.update(validation.combine(stats, group))
+        return _broadcast_from_last_stage(metrics)
 
-    def _forward_backward(self, microbatches, forward_only: bool) -> list[dict]:
+    def _forward_backward(self, microbatches, forward_only: bool, score: bool = False) -> list[dict]:
         counts = loss.TokenCounts.of(microbatches, parallel_state.get_data_parallel_group())
-        forward_step = make_forward_step(self.cfg.tidar.alpha, counts, len(microbatches), self.dp_size)
+        forward_step = make_forward_step(self.cfg.layout, self.cfg.tidar.alpha, counts, len(microbatches),
+                                         self.dp_size, score=score)
         # Interleaved schedules take one iterator per model chunk; every chunk reads the same batches.
         iters = [iter(microbatches) for _ in self.model] if len(self.model) > 1 else iter(microbatches)
         return get_forward_backward_func()(
@@ -89,7 +94,7 @@ class Trainer:
             data_iterator=iters,
             model=self.model if len(self.model) > 1 else self.model[0],
             num_microbatches=len(microbatches),
-            seq_length=2 * self.cfg.train.seq_length,
+            seq_length=self.cfg.layout.seq_len,
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
@@ -99,12 +104,10 @@ def _broadcast_from_last_stage(metrics: dict) -> dict:
     """Loss values live on the last pipeline stage; give every rank the same numbers."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return metrics
-    keys = ("loss", "loss_ar", "loss_diff")
-    t = torch.tensor([metrics.get(k, 0.0) for k in keys], dtype=torch.float64)
-    t = t.cuda() if torch.cuda.is_available() else t
+    box = [metrics]
     last = parallel_state.get_pipeline_model_parallel_last_rank()
-    torch.distributed.broadcast(t, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return dict(zip(keys, t.tolist()))
+    torch.distributed.broadcast_object_list(box, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return box[0]
 
 
 def build_trainer(cfg: Config, on_gpu: bool) -> Trainer:

@@ -98,7 +98,7 @@ def enable(reason: str = "no CUDA device found", requested: bool = False) -> boo
     if _ACTIVE:
         return True
     if torch.cuda.is_available() and not requested:
-        raise RuntimeError("tidar_megatron.cpu_compat is only enabled without CUDA or with --train.device cpu")
+        raise RuntimeError("tidar_megatron.compat.cpu is only enabled without CUDA or with --train.device cpu")
     import megatron.core.tensor_parallel.random as mrandom
 
     cuda = torch.cuda

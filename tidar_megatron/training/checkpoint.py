@@ -14,11 +14,9 @@ layout loads at another.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import shutil
-import signal
 from functools import partial
 from pathlib import Path
 
@@ -27,10 +25,13 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
 # torch's DCP reports read failures as this BaseException subclass, which `except Exception` misses.
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
-from .atomic import write_atomic
+from tidar_megatron.atomic import replace_dir, write_atomic
+from tidar_megatron.compat import megatron_patches
+from tidar_megatron.errors import TiDARError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ _ITER = re.compile(r"^iter_(\d{7})$")
 _OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(TiDARError, RuntimeError):
     pass
 
 
@@ -93,40 +94,11 @@ def _layout_of(cfg) -> tuple:
     return (p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, world)
 
 
-def _prepare_optimizer_for_load(optimizer):
-    """Work around two gaps of megatron-core 0.19's DistributedOptimizer without apex/TE (torch Adam):
-    it cannot describe itself before its first step (state_dict asserts one 'step' value), so give it the
-    dummy state it would create itself later in its own load path; and its loaders drop torch Adam's
-    per-parameter 'step' tensor (restored separately from the common state) yet then look it up, so mark
-    it as absent (None entries are skipped by the copy)."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
-        if init is None:
-            continue
-        if not opt.optimizer.state:
-            init()
-        if not getattr(opt, "_tidar_step_patch", False):
-            setter = opt._set_main_param_and_optimizer_states
-            opt._set_main_param_and_optimizer_states = (
-                lambda model_param, tensors, _set=setter: _set(model_param, {"step": None, **tensors}))
-            opt._tidar_step_patch = True
-
-
-def _unshare_adam_steps(optimizer):
-    """A third gap on the same path: DistributedOptimizer.load_state_dict gives every parameter the *same*
-    'step' tensor, which torch Adam then increments in place once per parameter per step, corrupting the
-    bias correction after a resume.  Give each parameter its own copy."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in getattr(opt, "optimizer", opt).state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
-
-
 def _sharded_state(trainer, is_loading: bool, with_rng: bool) -> dict:
     model_state = _model_state(trainer.model, prefix_chunks=len(trainer.model) > 1)
     state = dict(model_state)
     if is_loading:
-        _prepare_optimizer_for_load(trainer.optimizer)
+        megatron_patches.prepare_optimizer_for_load(trainer.optimizer)
     # The nested dict as it is: the chunks' dicts share local names ("decoder.layers.0..."), so merging
     # them would drop all but the last chunk's parameters.
     state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
@@ -145,19 +117,20 @@ class AsyncSaves:
     nvidia-resiliency-ext's writer when installed, as megatron-core recommends, else megatron-core's own
     (the one the tests run)."""
 
-    def __init__(self, shielded_signals=()):
+    def __init__(self, shielded_signals=(), queue=None):
         """`shielded_signals`: the preemption signals.  Slurm sends them to every process of a job step,
         and the writers' result queue lives in a multiprocessing Manager process that such a signal would
-        kill, breaking the very save the signal asks for; that process ignores them."""
+        kill, breaking the very save the signal asks for; that process ignores them.  `queue`: an
+        AsyncCallsQueue to use instead of a new one of megatron-core's."""
         from megatron.core.dist_checkpointing.strategies.torch import get_async_strategy
 
         try:
             self.strategy, queue_cls = get_async_strategy("nvrx", "AsyncCallsQueue")
         except ModuleNotFoundError:
             self.strategy, queue_cls = get_async_strategy("mcore", "AsyncCallsQueue")
-        self._queue = queue_cls()
+        self._queue = queue if queue is not None else queue_cls()
         _, get_results_queue = get_async_strategy(self.strategy, "get_write_results_queue")
-        _start_results_queue(get_results_queue, tuple(shielded_signals))
+        megatron_patches.shield_async_results_queue(get_results_queue, tuple(shielded_signals))
 
     def schedule(self, request):
         self._queue.schedule_async_request(request)
@@ -179,38 +152,6 @@ class AsyncSaves:
                                   "directory's free space and permissions") from e
 
 
-_shielded_managers: dict = {}  # writer module -> the Manager process started for it (one per process)
-
-
-def _start_results_queue(get_results_queue, signals: tuple):
-    """Create the async writers' result queue up front, in a Manager process that ignores `signals`.
-
-    megatron-core (and nvidia-resiliency-ext) create it lazily, at the first async save, in a plain
-    Manager, and keep it in their module's `_results_queue`; filling that slot first is the only way to
-    give the Manager an initializer."""
-    import multiprocessing
-    import sys
-    from multiprocessing.managers import SyncManager
-
-    name = get_results_queue.__module__
-    if not signals or name in _shielded_managers:
-        return
-    module = sys.modules[name]
-    if getattr(module, "_results_queue", 0) is not None:  # created already, or no such slot here
-        log.warning("async checkpointing: the writers' result queue cannot be shielded from %s with this "
-                    "version of %s", "/".join(signal.Signals(s).name for s in signals), name)
-        return
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_ignore_signals, initargs=(signals,))
-    module._results_queue = manager.Queue()
-    _shielded_managers[name] = manager
-
-
-def _ignore_signals(signals):
-    for sig in signals:
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def save(trainer, directory: str | Path, data_state: dict, keep_last: int | None = None,
          async_saves: AsyncSaves | None = None) -> Path:
     """Save `trainer` (all ranks call this) and publish it as `latest` once complete.  With `async_saves`
@@ -229,19 +170,19 @@ def save(trainer, directory: str | Path, data_state: dict, keep_last: int | None
     state = _sharded_state(trainer, is_loading=False, with_rng=True)
     state.update(scheduler=trainer.scheduler.state_dict(), step=trainer.step, data=data_state,
                  config=trainer.cfg.to_dict(), layout=_layout_of(trainer.cfg))
-    publish = partial(_publish, directory, name, keep_last)
+    publish_step = partial(publish, directory, name, keep_last)
     if async_saves is None:
         dist_checkpointing.save(state, str(tmp))
-        publish()
+        publish_step()
     else:
         request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True,
                                           async_strategy=async_saves.strategy)
-        request.add_finalize_fn(publish)  # runs after dist_checkpointing's own metadata finalize
+        request.add_finalize_fn(publish_step)  # runs after dist_checkpointing's own metadata finalize
         async_saves.schedule(request)
     return final
 
 
-def _publish(directory: Path, name: str, keep_last: int | None):
+def publish(directory: Path, name: str, keep_last: int | None):
     """Rename the complete temporary to its final name, point `latest` at it, prune older ones.  Rank 0
     does the file work; its outcome is shared, so a failure there is an error on every rank rather than
     the other ranks waiting for it forever."""
@@ -250,9 +191,7 @@ def _publish(directory: Path, name: str, keep_last: int | None):
     if _rank0():
         try:
             final = directory / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(directory / f".tmp.{name}", final)
+            replace_dir(directory / f".tmp.{name}", final)
             _write_latest(directory, name)
             if keep_last:  # prune only older steps: newer ones may belong to a run this one rolled back from
                 older = [c for c in list_checkpoints(directory) if c.name < name]
@@ -311,7 +250,7 @@ def load(trainer, path: str | Path) -> dict:
         for i, c in enumerate(chunks):
             c.load_state_dict(loaded[f"model{i}"])
     trainer.optimizer.load_state_dict(loaded["optimizer"])
-    _unshare_adam_steps(trainer.optimizer)
+    megatron_patches.unshare_adam_steps(trainer.optimizer)
     trainer.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from . import attention, cpu_compat
-from .config import Config, ConfigError
+from tidar_megatron.compat import cpu as cpu_compat
+from tidar_megatron.config import Config, ConfigError
+from tidar_megatron.model import attention
+from tidar_megatron.net import free_port
 
 
 def _env_rank_world() -> tuple[int, int, int]:
@@ -23,12 +24,6 @@ def _env_rank_world() -> tuple[int, int, int]:
     if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         return int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]), int(os.environ.get("SLURM_LOCALID", 0))
     return 0, 1, 0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def env_world_size() -> int:
@@ -44,7 +39,7 @@ def initialize(cfg: Config, timeout_minutes: int = 30) -> str:
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         # A lone process (quickstart, tests, conversion) takes a free port so that several can run at once.
-        os.environ.setdefault("MASTER_PORT", str(_free_port() if world == 1 else 29500))
+        os.environ.setdefault("MASTER_PORT", str(free_port() if world == 1 else 29500))
         if device == "cuda":
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(
@@ -82,9 +77,9 @@ def validate_layout(cfg: Config, world_size: int):
     if t.global_batch_size % (t.micro_batch_size * dp):
         problems.append(f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
                         f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})")
-    if p.sequence_parallel and (2 * t.seq_length) % p.tensor_parallel:
-        problems.append("with sequence parallelism the doubled sequence 2 x train.seq_length must be divisible "
-                        "by parallel.tensor_parallel")
+    if p.sequence_parallel and cfg.layout.seq_len % p.tensor_parallel:
+        problems.append(f"with sequence parallelism the model's sequence ({cfg.layout.seq_len} tokens for "
+                        f"train.seq_length {t.seq_length}) must be divisible by parallel.tensor_parallel")
     if p.sequence_parallel and not (attention.te_available() or attention.apex_available()):
         problems.append("parallel.sequence_parallel needs TransformerEngine on a GPU or NVIDIA apex (their "
                         "norms support it; torch's do not): set parallel.sequence_parallel false")

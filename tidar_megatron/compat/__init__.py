@@ -1,0 +1,7 @@
+"""Everything that works around megatron-core (and torch) behaviour, in one place.
+
+    cpu.py              megatron-core's real code paths on a machine without CUDA
+    megatron_patches.py gaps of megatron-core 0.19's distributed optimizer and async checkpointing
+
+Each workaround names the upstream version it was written against; remove it when that version is gone.
+"""

@@ -1,0 +1,122 @@
+"""The one reader of a Hugging Face checkpoint's config.json, shared by conversion and the decoder.
+
+Pure Python (no torch, no Megatron), so the decoder can use it without the training stack.  What the config
+leaves implicit is read the way transformers reads it:
+  * q/k/v biases and QK-norm from the weights' names (Qwen2 always has the biases without saying so),
+  * tied embeddings from `tie_word_embeddings` (default false for these model types), never from whether
+    `lm_head.weight` is stored: a tied checkpoint's stored head is ignored, as transformers ignores it,
+  * RoPE from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling` (4.x),
+  * the end-of-sequence ids from generation_config.json, else config.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidar_megatron.errors import TiDARError
+
+MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+class HFConfigError(TiDARError, ValueError):
+    pass
+
+
+class HFCheckpointNotFound(HFConfigError, FileNotFoundError):
+    pass
+
+
+class UnsupportedHFCheckpoint(HFConfigError, NotImplementedError):
+    pass
+
+
+NOT_A_MODEL_DIR = "pass a Hugging Face model directory (config.json + safetensors, e.g. `tidar-megatron export`'s)"
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str                     # "default", "llama3", ... (the caller says which it supports)
+    rope_scaling: dict | None          # the scaling parameters when rope_type is not "default"
+    hidden_act: str
+    attention_bias: bool               # q/k/v biases
+    other_biases: bool                 # biases on o_proj or the MLP (no supported layer has them)
+    qk_norm: bool
+    tie_word_embeddings: bool
+    sliding_window: bool
+    max_position_embeddings: int | None
+    tidar_mask_token_id: int | None    # written by `tidar-megatron export`
+    tidar_draft_block_size: int | None
+    eos_token_ids: tuple[int, ...]
+    chat_template: str | None          # the tokenizer's, when the directory carries one
+
+
+def read_json(model_dir: Path, name: str) -> dict:
+    path = Path(model_dir) / name
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_hf_config(model_dir: str | Path, weight_names: set[str]) -> HFConfig:
+    """Parse `model_dir`/config.json (with generation_config.json and the tokenizer's chat template);
+    `weight_names`: the checkpoint's tensors."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise HFCheckpointNotFound(f"{model_dir}: not found; {NOT_A_MODEL_DIR}")
+    if not (model_dir / "config.json").is_file():
+        raise HFCheckpointNotFound(f"{model_dir} has no config.json: {NOT_A_MODEL_DIR}")
+    raw = read_json(model_dir, "config.json")
+    eos = raw.get("eos_token_id")
+    if (model_dir / "generation_config.json").is_file():
+        eos = read_json(model_dir, "generation_config.json").get("eos_token_id", eos)
+    template = None
+    if (model_dir / "tokenizer_config.json").is_file():
+        template = read_json(model_dir, "tokenizer_config.json").get("chat_template")
+    if template is None and (model_dir / "chat_template.jinja").is_file():
+        template = (model_dir / "chat_template.jinja").read_text()
+    return parse_hf_config(dict(raw, eos_token_id=eos), weight_names, str(model_dir / "config.json"), template)
+
+
+def parse_hf_config(raw: dict, weight_names: set[str], source: str = "config.json",
+                    chat_template: str | None = None) -> HFConfig:
+    """An HFConfig from config.json's contents (`source` names it in errors)."""
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise UnsupportedHFCheckpoint(f"{source}: model_type {model_type!r} is not supported; expected one of "
+                            f"{', '.join(MODEL_TYPES)}")
+    rope = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    heads = raw["num_attention_heads"]
+    layer0 = "model.layers.0."
+    eos = raw.get("eos_token_id")
+    return HFConfig(
+        model_type=model_type, vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"], num_layers=raw["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=raw.get("num_key_value_heads") or heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
+        rope_type=rope_type, rope_scaling=rope if rope_type != "default" else None,
+        hidden_act=raw.get("hidden_act", "silu"),
+        attention_bias=layer0 + "self_attn.q_proj.bias" in weight_names,
+        other_biases=bool({layer0 + "self_attn.o_proj.bias", layer0 + "mlp.gate_proj.bias"} & weight_names),
+        qk_norm=layer0 + "self_attn.q_norm.weight" in weight_names,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        sliding_window=bool(raw.get("use_sliding_window")),
+        max_position_embeddings=raw.get("max_position_embeddings"),
+        tidar_mask_token_id=raw.get("tidar_mask_token_id"), tidar_draft_block_size=raw.get("tidar_draft_block_size"),
+        eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
+        chat_template=chat_template)

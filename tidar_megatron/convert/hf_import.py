@@ -1,0 +1,106 @@
+"""`tidar-megatron import-hf`: a Hugging Face Qwen2 / Qwen3 / Llama directory -> a TiDAR Megatron checkpoint.
+
+    tidar-megatron import-hf --hf <dir> --output <ckpt> [--config PRESET] [--tp N --pp N] [--mask-token-id ID]
+
+Writes `<output>/iter_0000000` (loads at any TP/PP: dist_checkpointing reshards by global shape) and
+`<output>/config.yaml`, the config to train it with: the architecture from config.json, the rest from the
+preset, and `checkpoint.init_from` pointing at the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import yaml
+
+from tidar_megatron.atomic import atomic_dir
+from tidar_megatron.config import load_config
+from tidar_megatron.console import entry_point
+from tidar_megatron.convert.hf_config import HFConfigError, read_hf_config
+from tidar_megatron.convert.mapping import ConvertError, config_from_hf, hf_to_megatron
+from tidar_megatron.convert.process import in_fresh_process, single_rank_model
+
+
+def check_output(output: Path, force: bool):
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise ConvertError(f"{output} already exists; pass --force to replace it or choose another --output")
+
+
+def read_hf(hf_dir: Path):
+    """(HFConfig, weights) of a Hugging Face directory, read as the decoder reads it."""
+    from tidar_megatron.inference.hf_checkpoint import load_weights
+
+    try:
+        weights = load_weights(hf_dir) if hf_dir.is_dir() else {}
+        return read_hf_config(hf_dir, set(weights)), weights
+    except HFConfigError as e:
+        raise ConvertError(str(e)) from None
+
+
+def import_hf_local(hf_dir, output, tensor_parallel: int | None = None, pipeline_parallel: int | None = None,
+                    mask_token_id: int | None = None, force: bool = False, preset: str | None = None) -> Path:
+    """Convert in this process; needs a single-rank Megatron session (`process.session`)."""
+    from megatron.core import dist_checkpointing
+
+    from tidar_megatron.training.distributed import validate_layout
+
+    hf_dir, output = Path(hf_dir), Path(output)
+    check_output(output, force)
+    hf, weights = read_hf(hf_dir)
+    cfg = config_from_hf(hf, set(weights), tensor_parallel, pipeline_parallel, mask_token_id,
+                         base=load_config(preset) if preset else None, source=str(hf_dir / "config.json"))
+    validate_layout(cfg, cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
+    full = hf_to_megatron(cfg, weights, source=str(hf_dir))
+    model = single_rank_model(cfg)
+    params = dict(model.named_parameters())
+    if set(full) != set(params):
+        raise ConvertError(f"{hf_dir}: the mapping gives {sorted(set(full) ^ set(params))[:3]} that the "
+                           "model does not have (or lacks): a bug in convert/mapping.TABLE")
+    with torch.no_grad():
+        for name, p in params.items():
+            if full[name].shape != p.shape:
+                raise ConvertError(f"{hf_dir}: {name} would have shape {tuple(full[name].shape)} but "
+                                   f"config.json gives {tuple(p.shape)}: the weights do not match config.json")
+            p.copy_(full[name])
+    check_output(output, force)
+    with atomic_dir(output) as tmp:
+        (tmp / "iter_0000000").mkdir()
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "config": cfg.to_dict(), "step": 0,
+                                 "source": str(hf_dir.resolve())}, str(tmp / "iter_0000000"))
+        (tmp / "latest").write_text("iter_0000000\n")
+        # A config to train from: `tidar-megatron train --config <ckpt>/config.yaml --data.blend ...`.
+        cfg.checkpoint.init_from = str(output.resolve())
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return output
+
+
+def import_hf(hf_dir, output, tensor_parallel: int | None = None, pipeline_parallel: int | None = None,
+              mask_token_id: int | None = None, force: bool = False, preset: str | None = None) -> Path:
+    """A Hugging Face Qwen2 / Qwen3 / Llama directory -> a TiDAR checkpoint (`<output>/iter_0000000`) and the
+    config to train it with (`<output>/config.yaml`: the architecture from config.json, the rest from --config)."""
+    check_output(Path(output), force)
+    if preset:
+        load_config(preset)  # a bad preset name fails here, before a process starts
+    read_hf(Path(hf_dir))  # and so does a directory that is not a checkpoint
+    return in_fresh_process(import_hf_local, str(hf_dir), str(output), tensor_parallel, pipeline_parallel,
+                            mask_token_id, force, preset)
+
+
+@entry_point("tidar-megatron import-hf")
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tidar-megatron import-hf", description=import_hf.__doc__)
+    parser.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
+    parser.add_argument("--output", required=True, help="checkpoint directory to create")
+    parser.add_argument("--config", help="preset or YAML to take the training settings from (default: built-in "
+                        "defaults); the architecture always comes from the Hugging Face config.json")
+    parser.add_argument("--tp", type=int, help="the TP to write into config.yaml and check the architecture "
+                        "against (default: the preset's); the checkpoint itself loads at any layout")
+    parser.add_argument("--pp", type=int, help="the PP for config.yaml (default: the preset's)")
+    parser.add_argument("--mask-token-id", type=int, help="an existing token to use as the mask token "
+                        "(default: the checkpoint's tidar_mask_token_id, else a new id = vocab_size)")
+    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    a = parser.parse_args(argv)
+    print(import_hf(a.hf, a.output, a.tp, a.pp, a.mask_token_id, a.force, a.config))
+    return 0

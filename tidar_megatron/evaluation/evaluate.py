@@ -1,0 +1,141 @@
+"""`tidar-megatron evaluate`: TiDAR's promise measured on an exported model, the way the paper measures it.
+
+    tidar-megatron evaluate --model <exported HF dir> --output results.json
+        [--data <prefix> --seq-length N]                      likelihood (likelihood.py)
+        [--prompts prompts.jsonl --max-new-tokens N]          TiDAR vs AR decoding (generation.py)
+        [--block-size B [B ...]] [--beta BETA] [--device ...] [--dtype ...]
+
+Writes `results.json` (top-level keys include ar_nll, ar_perplexity, tokens_scored, and for the first block
+size tokens_per_pass, greedy_identical_fraction and speedup_vs_ar), a markdown table on stdout (also
+`results.md`), and `acceptance.png`: the acceptance histogram per block size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from tidar_megatron.atomic import write_atomic
+from tidar_megatron.console import ProgressBar, entry_point
+from tidar_megatron.errors import TiDARError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def evaluate(model_dir, output, data: str | None = None, seq_length: int = 1024, prompts: str | None = None,
+             max_new_tokens: int = 128, block_sizes: list[int] | None = None, beta: float = 1.0,
+             device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8,
+             progress: bool = True) -> dict:
+    """Run the requested evaluations; returns the results dict (also written to `output`)."""
+    from tidar_megatron.evaluation import generation, likelihood
+    from tidar_megatron.inference.decoding import Decoder
+    from tidar_megatron.inference.generate import load_tokenizer
+
+    if data is None and prompts is None:
+        raise TiDARError("nothing to evaluate: give --data (likelihood) and/or --prompts (decoding)")
+    output = Path(output)
+    decoder = Decoder.from_pretrained(model_dir, dtype, device, beta=beta)
+    block_sizes = block_sizes or ([decoder.block_size] if decoder.block_size else [])
+    if not block_sizes:
+        raise TiDARError(f"{model_dir}: config.json has no tidar_draft_block_size; pass --block-size")
+    results = {"model": str(model_dir), "date": datetime.date.today().isoformat(), "device": _device_name(device),
+               "dtype": str(dtype).removeprefix("torch."), "block_sizes": block_sizes, "beta": beta}
+    if data is not None:
+        documents = likelihood.read_documents(data, decoder.model.args.vocab_size)
+        scored = likelihood.score(decoder.model, documents, seq_length, block_sizes[0], decoder.mask_token_id,
+                                  batch_size, ProgressBar("likelihood", " windows", progress))
+        results.update(data=str(data), seq_length=seq_length, likelihood=scored,
+                       **{k: scored[k] for k in ("ar_nll", "ar_perplexity", "tokens_scored")})
+    if prompts is not None:
+        tokenizer = _tokenizer_or_none(model_dir, load_tokenizer)
+        parsed = generation.read_prompts(prompts, tokenizer)
+        report = generation.compare(decoder, parsed, tokenizer, max_new_tokens, block_sizes, beta,
+                                    progress=ProgressBar("decoding", " prompts", progress))
+        first = report["tidar"][block_sizes[0]]
+        results.update(prompts=str(prompts), generation=report,
+                       **{k: first[k] for k in ("tokens_per_pass", "greedy_identical_fraction", "speedup_vs_ar")})
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(output, json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    write_atomic(output.with_suffix(".md"), table + "\n")
+    if prompts is not None:
+        from tidar_megatron.plots import draw_acceptance
+
+        results["plot"] = str(draw_acceptance(results["generation"]["tidar"], output.parent / "acceptance.png"))
+    return results
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _tokenizer_or_none(model_dir, load_tokenizer):
+    try:
+        return load_tokenizer(Path(model_dir))
+    except TiDARError:
+        return None  # token-id prompts still work; text prompts then say so
+
+
+def markdown(results: dict) -> str:
+    lines = [f"Evaluation of {results['model']} ({results['device']}, {results['date']}, beta {results['beta']})", ""]
+    if "likelihood" in results:
+        lk = results["likelihood"]
+        lines += ["| AR NLL | AR perplexity | tokens scored | diffusion loss | draft accuracy (offset 0 / 1 / last) |",
+                  "| --- | --- | --- | --- | --- |"]
+        acc = lk.get("draft_accuracy")
+        acc_text = f"{acc[0]:.3f} / {acc[1]:.3f} / {acc[-1]:.3f}" if acc and len(acc) > 1 else "-"
+        diff = f"{lk['diff_loss']:.4f}" if "diff_loss" in lk else "-"
+        lines += [f"| {lk['ar_nll']:.4f} | {lk['ar_perplexity']:.2f} | {lk['tokens_scored']:,} | {diff} | {acc_text} |",
+                  ""]
+    if "generation" in results:
+        gen = results["generation"]
+        ar = gen["ar"]
+        extra = [k for k in ("exact_match", "pass@1") if k in ar]
+        header = ["mode", "block", "tokens per pass", "tokens/s", "vs AR", "greedy = AR", *extra]
+        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        rows = [["AR", "-", f"{ar['tokens_per_pass']:.2f}", f"{ar['tokens_per_s']:.1f}", "1.00x", "-"]
+                + [f"{ar[k]:.3f}" for k in extra]]
+        for b, r in gen["tidar"].items():
+            rows.append(["TiDAR", str(b), f"{r['tokens_per_pass']:.2f}", f"{r['tokens_per_s']:.1f}",
+                         f"{r['speedup_vs_ar']:.2f}x", f"{r['greedy_identical_fraction']:.0%}"]
+                        + [f"{r[k]:.3f}" for k in extra])
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tidar-megatron evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="exported Hugging Face directory")
+    p.add_argument("--output", required=True, help="results JSON to write (results.md and acceptance.png beside it)")
+    p.add_argument("--data", help="a tokenized .bin/.idx prefix: AR likelihood, diffusion loss, draft accuracy")
+    p.add_argument("--seq-length", type=int, default=1024, help="window length for --data (default 1024)")
+    p.add_argument("--prompts", help="JSONL prompts: TiDAR vs AR decoding (see tidar_megatron/evaluation/generation.py)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--block-size", type=int, nargs="+", help="draft block sizes to decode with (default: the "
+                   "checkpoint's tidar_draft_block_size)")
+    p.add_argument("--beta", type=float, default=1.0, help="1 = trust AR (lossless), 0 = trust the drafts")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass for --data")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+@entry_point("tidar-megatron evaluate")
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.seq_length < 2 or a.max_new_tokens < 1 or any(b < 2 for b in a.block_size or []):
+        raise TiDARError("--seq-length must be >= 2, --max-new-tokens >= 1 and every --block-size >= 2")
+    dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
+    results = evaluate(a.model, a.output, a.data, a.seq_length, a.prompts, a.max_new_tokens, a.block_size, a.beta,
+                       a.device, dtype, a.batch_size, progress=not a.quiet)
+    print(markdown(results))
+    print(f"\nwrote {a.output}" + (f" and {results['plot']}" if "plot" in results else ""))
+    return 0

@@ -1,0 +1,195 @@
+"""A `tidar` model type for lm-evaluation-harness: likelihoods from the causal pass, generation by TiDAR.
+
+    tidar-megatron lm-eval --model tidar --model_args pretrained=<exported dir>,mode=tidar,block_size=16 \\
+        --tasks <tasks> [--include_path <local task YAMLs>] --output_path results/ --log_samples
+    # or from Python:
+    import tidar_megatron.evaluation.lm_eval_model  # registers "tidar"
+    lm_eval.simple_evaluate(model="tidar", model_args="pretrained=<dir>", tasks=[...])
+
+Model args: pretrained, mode (tidar | ar), block_size, beta, dtype (float32 | bfloat16 | float16), device,
+batch_size, max_length (default: config.json's max_position_embeddings, as lm-eval's `hf` model),
+max_gen_toks, add_bos_token.  `loglikelihood` and `loglikelihood_rolling` score with the pure causal mask
+in one pass (the paper's likelihood setting), tokenized exactly as lm-eval's `hf` model tokenizes (the same
+`transformers` tokenizer and lm-eval's own pair / rolling-window encoding), so the two give the same
+numbers on an exported checkpoint.  `generate_until` decodes greedily (or samples, with do_sample) in
+batches with the stack's decoder, stops at the task's `until` strings and EOS, and counts forward passes:
+tokens per pass and the acceptance histogram are recorded in the results under config.tidar_decoding.
+
+Code tasks: lm-eval's built-in HumanEval / MBPP metrics download `code_eval` from a hub; point a task's
+`process_results` at `code_pass_at_1` (from a utils.py beside the task YAML) to score completions with the
+project's sandboxed runner instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix, resolve_max_length
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.inference.sampling import SamplingConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@register_model("tidar")
+class TiDARLM(TemplateLM):
+    def __init__(self, pretrained: str, mode: str = "tidar", block_size: int | None = None, beta: float = 1.0,
+                 dtype: str = "float32", device: str | None = None, batch_size: int | str = 1,
+                 max_length: int | None = None, max_gen_toks: int = 256, add_bos_token: bool | None = None,
+                 **_ignored):
+        super().__init__()
+        from transformers import AutoConfig, AutoTokenizer
+
+        if mode not in ("tidar", "ar"):
+            raise ValueError(f"mode must be tidar or ar, got {mode!r}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.decoder = Decoder.from_pretrained(pretrained, DTYPES[dtype], device,
+                                               block_size=int(block_size) if block_size else None, beta=float(beta))
+        self.tokenizer = AutoTokenizer.from_pretrained(pretrained, local_files_only=True)
+        self.mode, self.device = mode, device
+        self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
+        self._max_length = int(max_length) if max_length else resolve_max_length(
+            AutoConfig.from_pretrained(pretrained, local_files_only=True), self.tokenizer)
+        self.max_gen_toks, self.add_bos_token = int(max_gen_toks), add_bos_token
+        self.pretrained = pretrained
+        self._passes = self._tokens = 0
+        self._histogram: list[int] = []
+
+    # --- tokenization, as lm-eval's `hf` model does it --------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kwargs):
+        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special["add_special_tokens"] = False
+        ids = self.tokenizer.encode(string, **special)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    # --- likelihoods: one causal pass ----------------------------------------------------------------
+    @torch.inference_mode()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None, **kwargs):
+        results = []
+        step = override_bs or self.batch_size_per_gpu
+        for i in range(0, len(requests), step):
+            batch = requests[i:i + step]
+            inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in batch]
+            logprobs = self._causal_logprobs(inputs)
+            for (_, _, cont), inp, lp in zip(batch, inputs, logprobs):
+                scores = lp[len(inp) - len(cont):len(inp)]         # [len(cont), V]
+                target = torch.tensor(cont, device=scores.device)
+                total = scores.gather(-1, target[:, None]).sum().item()
+                results.append((total, bool((scores.argmax(-1) == target).all())))
+        return results
+
+    def _causal_logprobs(self, inputs: list[list[int]]) -> torch.Tensor:
+        """[b, longest, V] fp32 log-probabilities of right-padded inputs under the causal mask (padding at
+        the end cannot change earlier positions)."""
+        longest = max(map(len, inputs))
+        tokens = torch.tensor([x + [x[-1]] * (longest - len(x)) for x in inputs], device=self.decoder.device)
+        positions = torch.arange(longest, device=tokens.device).expand(len(inputs), -1)
+        causal = torch.ones(longest, longest, dtype=torch.bool, device=tokens.device).tril()[None]
+        return F.log_softmax(self.decoder.model(tokens, positions, causal).float(), dim=-1)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for (string,) in (r.args for r in requests):
+            windows = [(None, *make_disjoint_window(w)) for w in get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            out.append(sum(score for score, _ in self._loglikelihood_tokens(windows)))
+        return out
+
+    # --- generation: TiDAR (or AR) decoding ------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for i in range(0, len(requests), self.batch_size_per_gpu):
+            batch = [r.args for r in requests[i:i + self.batch_size_per_gpu]]
+            out += self._generate([context for context, _ in batch], [kwargs for _, kwargs in batch])
+        return out
+
+    def _generate(self, contexts: list[str], all_kwargs: list[dict]) -> list[str]:
+        kwargs = dict(all_kwargs[0])  # lm-eval batches requests of one task: same generation settings
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+        sampling = SamplingConfig(float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+                                  float(kwargs.get("top_p", 1.0)))
+        prompts = [self.tok_encode(c, add_special_tokens=bool(self.add_bos_token),
+                                   left_truncate_len=self.max_length - max_new) for c in contexts]
+        generated = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for step in self.decoder.stream(prompts, max_new, mode=self.mode, sampling=sampling, seed=0):
+            for j, new in enumerate(step.new_tokens):
+                generated[j] += new
+                done[j] = done[j] or (until and any(s in self.tok_decode(generated[j]) for s in until if s))
+            if all(done):
+                break
+        self._record(step.stats)
+        texts = []
+        for tokens in generated:
+            text = self.tok_decode(tokens)
+            for stop in until:
+                if stop:
+                    text = text.split(stop)[0]
+            texts.append(text)
+        return texts
+
+    def _record(self, stats):
+        self._passes += stats.sequence_passes
+        self._tokens += stats.new_tokens
+        hist = stats.acceptance_histogram
+        self._histogram = [a + b for a, b in zip(self._histogram, hist)] if self._histogram else list(hist)
+
+    def decoding_stats(self) -> dict:
+        """Tokens per forward pass (per sequence) and the acceptance histogram of every generate_until."""
+        return {"mode": self.mode, "block_size": self.decoder.block_size, "beta": self.decoder.beta,
+                "new_tokens": self._tokens, "sequence_passes": self._passes,
+                "tokens_per_pass": self._tokens / self._passes if self._passes else 0.0,
+                "acceptance_histogram": self._histogram}
+
+    def get_model_info(self) -> dict:
+        """Added by lm-eval to results["config"] after the evaluation."""
+        return {"model_name": str(self.pretrained), "tidar_decoding": self.decoding_stats()}
+
+
+def code_pass_at_1(doc: dict, results: list[str]) -> dict:
+    """An lm-eval `process_results` for code tasks: the completion, then the doc's `test` (or `tests`) code,
+    run by the sandboxed runner (evaluation/sandbox.py).  The doc's `prompt` is prepended when it is the
+    code the completion continues."""
+    from tidar_megatron.evaluation.sandbox import run_tests
+
+    tests = doc.get("test") or doc.get("tests") or ""
+    program = doc.get("prompt", "") + results[0] + "\n\n" + tests + "\n"
+    return {"pass@1": float(run_tests(program).passed)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`tidar-megatron lm-eval <lm_eval's arguments>`: lm-eval's own command line with `tidar` registered."""
+    import sys
+
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
+    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
+    setup_logging()
+    parser = HarnessCLI()
+    parser.execute(parser.parse_args())
+    return 0

@@ -1,0 +1,140 @@
+"""The pretraining loop: `tidar-megatron train --config <preset> [--section.field value ...]`.
+
+Reads top to bottom: check the config, data and paths (before any process group), start process groups,
+build the trainer, resume or initialise, then step / log / validate / checkpoint until done or preempted
+(SIGTERM, SIGUSR1: finish the step, save, exit 0).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tidar_megatron.config import Config
+from tidar_megatron.console import entry_point
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) the training `cfg` describes on the ranks of this launch; returns the last step's
+    metrics, `history` (every step's) and `valid` (the last validation)."""
+    import torch
+
+    from tidar_megatron import console
+    from tidar_megatron.training import checkpoint, distributed, preflight
+    from tidar_megatron.training.inputs import build_data
+    from tidar_megatron.training.metrics import Progress
+    from tidar_megatron.training.preemption import Preemption
+    from tidar_megatron.training.trainer import build_trainer
+    from tidar_megatron.training.validation import validate
+
+    tokenizer = preflight.check(cfg, distributed.env_world_size())  # before any process group starts
+    device = distributed.initialize(cfg)
+    rank0 = torch.distributed.get_rank() == 0
+    trainer = build_trainer(cfg, on_gpu=device == "cuda")
+    ckpt_dir = Path(cfg.checkpoint.dir)
+
+    data_state = None
+    if cfg.checkpoint.resume == "auto":
+        data_state = checkpoint.resume(trainer, ckpt_dir)
+    elif cfg.checkpoint.resume != "none":
+        data_state = checkpoint.load(trainer, cfg.checkpoint.resume)
+    if data_state is None and cfg.checkpoint.init_from:
+        checkpoint.load_model_weights(trainer.model, cfg.checkpoint.init_from)
+        trainer.optimizer.reload_model_params()  # the fp32 main copies (bf16 runs) must follow the new weights
+
+    progress = Progress(cfg, trainer.step, enabled=rank0)
+    if trainer.step >= cfg.train.train_steps:
+        progress.message(f"{ckpt_dir} holds a finished run (step {trainer.step} of {cfg.train.train_steps}): "
+                         "nothing to do; raise --train.train_steps to continue it, or use a new --checkpoint.dir")
+        progress.close()
+        return {"finished": True, "step": trainer.step, "history": []}
+    if rank0 and (note := console.accelerator_note()):
+        progress.message(note)
+    train_iter, valid_factory = build_data(cfg, tokenizer, (data_state or {}).get("consumed_samples", 0))
+    if data_state is not None:
+        progress.message(f"resumed at step {trainer.step} (consumed samples {train_iter.consumed_samples})")
+    preemption = Preemption()
+    nan_streak, result, last_saved = 0, {}, None
+    async_saves = checkpoint.AsyncSaves(Preemption.SIGNALS) if cfg.checkpoint.async_save else None
+
+    def save(wait: bool = False):
+        """Periodic saves may finish in the background; the last one before exiting is waited for."""
+        nonlocal last_saved
+        checkpoint.save(trainer, ckpt_dir, train_iter.state_dict(), cfg.checkpoint.keep_last, async_saves)
+        if async_saves is not None and wait:
+            async_saves.wait()
+        last_saved = trainer.step
+
+    try:
+        while trainer.step < cfg.train.train_steps:
+            start = time.time()
+            micro = [next(train_iter) for _ in range(trainer.num_microbatches)]
+            metrics = trainer.train_step(micro)
+            if async_saves is not None:
+                async_saves.poll()
+            if metrics["skipped"]:
+                nan_streak += 1
+                progress.message(f"step {trainer.step}: non-finite loss or gradients, update skipped "
+                                 f"({nan_streak} in a row)")
+                if nan_streak > cfg.train.max_nan_skips:  # every rank sees the same broadcast loss
+                    if async_saves is not None:
+                        async_saves.wait()  # keep the last good checkpoint that is still being written
+                    raise RuntimeError(f"{nan_streak} consecutive non-finite steps (train.max_nan_skips="
+                                       f"{cfg.train.max_nan_skips}); lower train.lr or check the data")
+            else:
+                nan_streak = 0
+            progress.step(trainer.step, metrics, time.time() - start)
+            result = metrics
+            if valid_factory and cfg.train.eval_interval and trainer.step % cfg.train.eval_interval == 0:
+                result["valid"] = validate(trainer, valid_factory(), cfg.train.eval_iters)
+                progress.validated(trainer.step, result["valid"])
+            exit_now = bool(cfg.train.exit_interval) and trainer.step % cfg.train.exit_interval == 0
+            if preemption.agreed() or exit_now:
+                save(wait=True)
+                progress.message(f"{'exit interval' if exit_now else 'preempted'}: saved step {trainer.step} "
+                                 f"to {ckpt_dir}; exiting")
+                return dict(result, stopped_early=True, history=progress.history)
+            if cfg.checkpoint.interval and trainer.step % cfg.checkpoint.interval == 0:
+                save()
+        if last_saved != trainer.step:
+            save()
+        if async_saves is not None:
+            async_saves.wait()
+        progress.message(f"done: step {trainer.step}, checkpoint {ckpt_dir / f'iter_{trainer.step:07d}'}")
+        return dict(result, history=progress.history)
+    finally:
+        progress.close()
+
+
+@entry_point("tidar-megatron train")
+def main(argv: list[str] | None = None) -> int:
+    """`tidar-megatron train`: parses `--config` and the dotted overrides without importing megatron-core,
+    so `--help` (every config field) is instant."""
+    import sys
+
+    from tidar_megatron import config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: tidar-megatron train [--config PRESET|YAML] [--section.field VALUE ...]\n\n"
+              f"{__doc__.strip().splitlines()[0]}\n\nPresets: {', '.join(config.preset_names())} (default tiny)."
+              " Every field below can be set in the YAML or overridden on the command line." + config.describe())
+        return 0
+    preset = "tiny"
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise config.ConfigError("--config needs a preset name or a YAML path")
+        preset = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+    elif any(a.startswith("--config=") for a in argv):
+        preset = next(a for a in argv if a.startswith("--config="))[len("--config="):]
+        argv = [a for a in argv if not a.startswith("--config=")]
+    cfg = config.load_config(preset, argv)
+    from tidar_megatron.training import distributed
+
+    try:
+        train(cfg)
+    finally:
+        distributed.destroy()
+    return 0

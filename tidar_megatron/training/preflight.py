@@ -1,0 +1,72 @@
+"""Everything a run can get wrong that is checked before any process group starts.
+
+A config that cannot work should fail in a second with one line, not after process groups, the model, DDP
+and the optimizer were built on every rank: the parallel layout, the data paths, the tokenizer (which also
+fixes the vocabulary: `config.resolve_vocabulary`), the checkpoint paths and the attention backend.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from tidar_megatron.config import Config, ConfigError, resolve_vocabulary
+from tidar_megatron.data.tokenizer import Tokenizer
+
+
+def check_data(cfg: Config) -> Tokenizer:
+    """The data prefixes exist and the tokenizer loads; fills the vocabulary from it.  Returns it."""
+    from tidar_megatron.data.dataset import check_splits_have_tokens, parse_blend
+    from tidar_megatron.training.inputs import split_sizes
+
+    d = cfg.data
+    if not d.blend:
+        raise ConfigError("data.blend is empty: point it at tokenized data (prefixes of .bin/.idx made by "
+                          "`tidar-megatron tokenize`), e.g. --data.blend runs/data/corpus")
+    if not d.tokenizer:
+        raise ConfigError("data.tokenizer is not set: give the tokenizer the data was tokenized with "
+                          "(--data.tokenizer tok.model)")
+    prefixes, _ = parse_blend(d.blend)
+    for prefix in prefixes:
+        missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not os.path.exists(f"{prefix}{ext}")]
+        if missing:
+            raise ConfigError(f"data.blend: {' and '.join(missing)} not found; create them with "
+                              f"`tidar-megatron tokenize --output-prefix {prefix} ...`")
+    tokenizer = Tokenizer(d.tokenizer)
+    resolve_vocabulary(cfg, tokenizer.vocab_size, tokenizer.mask_id, f"data.tokenizer {d.tokenizer}")
+    check_splits_have_tokens(d.blend, d.split, split_sizes(cfg))
+    return tokenizer
+
+
+def check_checkpoints(cfg: Config):
+    c = cfg.checkpoint
+    if c.init_from and not _is_checkpoint(Path(c.init_from)):
+        raise ConfigError(f"checkpoint.init_from {c.init_from}: no checkpoint there (expected metadata.json or "
+                          "iter_* folders, e.g. the output of `tidar-megatron import-hf`)")
+    if c.resume not in ("auto", "none") and not _is_checkpoint(Path(c.resume)):
+        raise ConfigError(f"checkpoint.resume {c.resume}: no checkpoint there; use auto (the newest in "
+                          "checkpoint.dir), none, or a checkpoint directory")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "metadata.json").is_file() or any(path.glob("iter_*/metadata.json"))
+
+
+def check_backend(cfg: Config):
+    from tidar_megatron.model.attention import check_backend_available
+
+    on_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
+    check_backend_available(cfg.model.attention_backend, on_gpu)
+
+
+def check(cfg: Config, world_size: int) -> Tokenizer:
+    """All of the above; `world_size` is the launcher's.  Returns the tokenizer."""
+    from tidar_megatron.training.distributed import validate_layout
+
+    validate_layout(cfg, world_size)
+    tokenizer = check_data(cfg)
+    check_checkpoints(cfg)
+    check_backend(cfg)
+    return tokenizer
