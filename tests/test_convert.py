@@ -371,3 +371,35 @@ def test_unsupported_hf_configs_are_one_line_errors(change, message):
     with pytest.raises(ConvertError, match=message) as error:
         config_from_hf({**SMALL, "model_type": "llama", **change}, set(), source="x/config.json")
     assert str(error.value).startswith("x/config.json: ") and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("case", ["untied", "tied", "tied-with-a-stored-head"])
+def test_tied_embeddings_are_read_from_config_json_by_both_readers(tmp_path, case):
+    """One config.json reader (convert/hf_config.py) decides tied embeddings for conversion and for the
+    decoder alike, as transformers 5 does: `tie_word_embeddings`, except that a stored lm_head with values
+    of its own (here noise) is kept untied.  Both are checked against transformers' logits."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from tidar_megatron.convert.hf_config import read_hf_config
+    from tidar_megatron.convert.mapping import config_from_hf, hf_to_megatron
+    from tidar_megatron.inference.hf_checkpoint import load_hf_model, load_weights
+    from tidar_megatron.testing import tiny_hf_checkpoint
+
+    tiny_hf_checkpoint(tmp_path, "qwen2", tie_word_embeddings=case != "untied")
+    tied = case == "tied"
+    if case == "tied-with-a-stored-head":
+        weights = load_file(str(tmp_path / "model.safetensors"))
+        weights["lm_head.weight"] = torch.randn_like(weights["model.embed_tokens.weight"])
+        save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    weights = load_weights(tmp_path)
+    assert read_hf_config(tmp_path, weights).tie_word_embeddings is tied
+    cfg = config_from_hf(json.loads((tmp_path / "config.json").read_text()), weights)
+    assert cfg.model.tie_embeddings is tied
+    assert ("output_layer.weight" in hf_to_megatron(cfg, weights)) is not tied
+    ours, _ = load_hf_model(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    tokens = torch.arange(3, 15)[None]
+    with torch.no_grad():
+        got = ours(tokens, torch.arange(12)[None], torch.ones(1, 12, 12, dtype=torch.bool).tril())
+        torch.testing.assert_close(got, reference(tokens).logits, rtol=1e-5, atol=1e-5)

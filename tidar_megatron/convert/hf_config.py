@@ -1,10 +1,11 @@
 """The one reader of a Hugging Face checkpoint's config.json, shared by conversion and the decoder.
 
-Pure Python (no torch, no Megatron), so the decoder can use it without the training stack.  What the config
+No Megatron and no transformers, so the decoder can use it without the training stack.  What the config
 leaves implicit is read the way transformers reads it:
   * q/k/v biases and QK-norm from the weights' names (Qwen2 always has the biases without saying so),
-  * tied embeddings from `tie_word_embeddings` (default false for these model types), never from whether
-    `lm_head.weight` is stored: a tied checkpoint's stored head is ignored, as transformers ignores it,
+  * tied embeddings as transformers (5.x) decides them: `tie_word_embeddings` (default false for these
+    model types), except that a stored `lm_head.weight` that differs from the embedding keeps its own
+    values (transformers then does not tie, and warns); whether the head is stored alone decides nothing,
   * RoPE from `rope_parameters` (transformers 5) or `rope_theta` / `rope_scaling` (4.x),
   * the end-of-sequence ids from generation_config.json, else config.json.
 """
@@ -70,9 +71,9 @@ def read_json(model_dir: Path, name: str) -> dict:
         raise HFConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def read_hf_config(model_dir: str | Path, weight_names: set[str]) -> HFConfig:
+def read_hf_config(model_dir: str | Path, weights) -> HFConfig:
     """Parse `model_dir`/config.json (with generation_config.json and the tokenizer's chat template);
-    `weight_names`: the checkpoint's tensors."""
+    `weights`: the checkpoint's tensors by name (or only their names; see `parse_hf_config`)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise HFCheckpointNotFound(f"{model_dir}: not found; {NOT_A_MODEL_DIR}")
@@ -87,12 +88,13 @@ def read_hf_config(model_dir: str | Path, weight_names: set[str]) -> HFConfig:
         template = read_json(model_dir, "tokenizer_config.json").get("chat_template")
     if template is None and (model_dir / "chat_template.jinja").is_file():
         template = (model_dir / "chat_template.jinja").read_text()
-    return parse_hf_config(dict(raw, eos_token_id=eos), weight_names, str(model_dir / "config.json"), template)
+    return parse_hf_config(dict(raw, eos_token_id=eos), weights, str(model_dir / "config.json"), template)
 
 
-def parse_hf_config(raw: dict, weight_names: set[str], source: str = "config.json",
-                    chat_template: str | None = None) -> HFConfig:
-    """An HFConfig from config.json's contents (`source` names it in errors)."""
+def parse_hf_config(raw: dict, weights, source: str = "config.json", chat_template: str | None = None) -> HFConfig:
+    """An HFConfig from config.json's contents (`source` names it in errors).  `weights`: tensors by name;
+    given only the names, a stored head is taken to equal the embedding of a tied config."""
+    weight_names = set(weights)
     model_type = raw.get("model_type")
     if model_type not in MODEL_TYPES:
         raise UnsupportedHFCheckpoint(f"{source}: model_type {model_type!r} is not supported; expected one of "
@@ -114,9 +116,19 @@ def parse_hf_config(raw: dict, weight_names: set[str], source: str = "config.jso
         attention_bias=layer0 + "self_attn.q_proj.bias" in weight_names,
         other_biases=bool({layer0 + "self_attn.o_proj.bias", layer0 + "mlp.gate_proj.bias"} & weight_names),
         qk_norm=layer0 + "self_attn.q_norm.weight" in weight_names,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)) and not _separate_head(weights),
         sliding_window=bool(raw.get("use_sliding_window")),
         max_position_embeddings=raw.get("max_position_embeddings"),
         tidar_mask_token_id=raw.get("tidar_mask_token_id"), tidar_draft_block_size=raw.get("tidar_draft_block_size"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),)),
         chat_template=chat_template)
+
+
+def _separate_head(weights) -> bool:
+    """A stored lm_head.weight with values of its own (not the embedding's)."""
+    if not isinstance(weights, dict) or "lm_head.weight" not in weights:
+        return False
+    import torch
+
+    head, embedding = weights["lm_head.weight"], weights.get("model.embed_tokens.weight")
+    return embedding is None or head.shape != embedding.shape or not torch.equal(head, embedding)

@@ -34,7 +34,7 @@ def read_hf(hf_dir: Path):
 
     try:
         weights = load_weights(hf_dir) if hf_dir.is_dir() else {}
-        return read_hf_config(hf_dir, set(weights)), weights
+        return read_hf_config(hf_dir, weights), weights
     except HFConfigError as e:
         raise ConvertError(str(e)) from None
 

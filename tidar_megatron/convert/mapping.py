@@ -28,16 +28,16 @@ class ConvertError(TiDARError, ValueError):
 
 
 # --- config ---------------------------------------------------------------------------------------
-def config_from_hf(hf: dict | HFConfig, weight_names: set[str], tensor_parallel: int | None = None,
+def config_from_hf(hf: dict | HFConfig, weights, tensor_parallel: int | None = None,
                    pipeline_parallel: int | None = None, mask_token_id: int | None = None,
                    base: Config | None = None, source: str = "config.json") -> Config:
     """A TiDAR `Config` for a Hugging Face config.json (its contents or `hf_config.read_hf_config`'s
-    reading) and the names of its weights.
+    reading) and its weights by name (or only their names).
 
     The architecture comes from config.json; everything else (training settings, the draft block size, the
     vocabulary padding multiple, the attention backend, TP/PP unless given) from `base`, a preset."""
     try:
-        hf = hf if isinstance(hf, HFConfig) else parse_hf_config(hf, weight_names, source)
+        hf = hf if isinstance(hf, HFConfig) else parse_hf_config(hf, weights, source)
     except HFConfigError as e:
         raise ConvertError(str(e)) from None
     problems = []

@@ -68,10 +68,10 @@ def load_hf_model(model_dir: str | Path, dtype=torch.float32, device="cpu") -> t
     if not model_dir.is_dir():
         raise HFCheckpointNotFound(f"{model_dir}: not found; {NOT_A_MODEL_DIR}")
     weights = load_weights(model_dir)
-    hf = read_hf_config(model_dir, set(weights))
+    hf = read_hf_config(model_dir, weights)
     args = model_args(hf, str(model_dir / "config.json"))
     if args.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)  # a tied head is the embedding, whatever else is stored
+        weights.pop("lm_head.weight", None)  # a tied head is the embedding (a stored copy equals it)
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to_empty(device=device).to(dtype)
