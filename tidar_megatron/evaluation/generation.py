@@ -57,12 +57,12 @@ def read_prompts(path: str | Path, tokenizer) -> list[Prompt]:
                 raise PromptError(f"{where}: prompt_ids must be a list of token ids")
             text = None
         else:
-            if tokenizer is None:
-                raise PromptError(f"{where}: a text prompt needs the model's tokenizer, and the model directory "
-                                  "has none; use prompt_ids")
             text = obj["prompt"]
             if not isinstance(text, str):
                 raise PromptError(f"{where}: prompt must be a string")
+            if tokenizer is None:
+                raise PromptError(f"{where}: a text prompt needs the model's tokenizer, and the model directory "
+                                  "has none; use prompt_ids")
             ids = tokenizer.encode(text)
         if not ids:
             raise PromptError(f"{where}: the prompt has no tokens")
