@@ -50,7 +50,7 @@ class TiDARLM(TemplateLM):
         self.decoder = Decoder.from_pretrained(pretrained, DTYPES[dtype], device,
                                                block_size=int(block_size) if block_size else None, beta=float(beta))
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained, local_files_only=True)
-        self.mode, self.device = mode, device
+        self.mode, self._device = mode, device
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
         self._max_length = int(max_length) if max_length else resolve_max_length(
             AutoConfig.from_pretrained(pretrained, local_files_only=True), self.tokenizer)
