@@ -54,3 +54,45 @@ def test_gradient_weights_each_counted_token_by_its_half():
     expected = (alpha * ar_mask / ar_mask.sum() + diff_mask / diff_mask.sum()) / (1 + alpha)
     torch.testing.assert_close(per_token.grad.float(), expected.float())
     assert per_token.grad[ar_mask + diff_mask == 0].abs().max() == 0  # padding contributes nothing
+
+
+def test_draft_quality_counts_match_a_brute_force_loop():
+    """validation.draft_quality against per-token loops over the layout's rows."""
+    from tidar_megatron.layout import TiDARLayout
+    from tidar_megatron.training.validation import combine, draft_quality
+
+    L, B, V, b = 10, 4, 5, 3  # blocks [0,4) [4,8) [8,10): the last one is short
+    layout = TiDARLayout.for_training(L, B)
+    g = torch.Generator().manual_seed(0)
+    argmax = torch.randint(0, V, (b, layout.seq_len), generator=g)
+    targets = torch.randint(0, V, (b, layout.seq_len), generator=g)
+    ar_mask = torch.zeros(b, layout.seq_len)
+    ar_mask[:, :L] = 1
+    ar_mask[0, 2] = 0
+    diff_mask = torch.zeros(b, layout.seq_len)
+    diff_mask[:, L:] = 1
+    diff_mask[1, L + 5] = 0
+    got = combine([draft_quality(layout, argmax, targets, ar_mask, diff_mask)])
+    hits = sum(int(argmax[i, q] == targets[i, q]) for i in range(b) for q in range(L) if ar_mask[i, q])
+    assert got["ar_accuracy"] == pytest.approx(hits / ar_mask.sum().item())
+    positions = layout.position_ids.tolist()
+    for r in range(B):
+        rows = [j for j in range(L, layout.seq_len) if positions[j] - layout.block_starts[(positions[j]) // B] == r]
+        counted = [(i, j) for i in range(b) for j in rows if diff_mask[i, j]]
+        acc = sum(int(argmax[i, j] == targets[i, j]) for i, j in counted) / len(counted)
+        assert got["draft_accuracy"][r] == pytest.approx(acc)
+        agree = [(i, j) for i, j in counted if positions[j] >= 1 and ar_mask[i, positions[j] - 1]]
+        rate = sum(int(argmax[i, j] == argmax[i, positions[j] - 1]) for i, j in agree) / len(agree)
+        assert got["draft_agreement"][r] == pytest.approx(rate)
+    # Accepted lengths of the two full blocks of each sample, when all their drafts count.
+    accepted = []
+    for i in range(b):
+        for block in range(2):
+            rows = list(layout.block_rows(block))
+            if not all(diff_mask[i, j] and ar_mask[i, positions[j] - 1] for j in rows[1:]):
+                continue
+            a = 1
+            while a < B and argmax[i, rows[a]] == argmax[i, positions[rows[a]] - 1]:
+                a += 1
+            accepted.append(a)
+    assert got["est_tokens_per_pass"] == pytest.approx(sum(accepted) / len(accepted))

@@ -1,6 +1,7 @@
 """Parallel parity: TP=2, PP=2 (1F1B, several micro-batches), PP=2 x VP=2 (interleaved 1F1B)
 and DP=2 with the distributed optimizer each reproduce the single-rank run's losses, gradients and
-updated parameters (fp32, rel <= 1e-5)."""
+updated parameters (fp32, rel <= 1e-5), and its validation metrics (losses, vocab-parallel accuracies,
+estimated tokens per pass)."""
 
 import functools
 
@@ -37,16 +38,28 @@ def _train(rank, world_size, overrides, windows):
     name_seeded_init(trainer.model)
     layout = TiDARLayout.for_training(L, B)
     dp, dp_rank, mbs = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(), cfg.train.micro_batch_size
+
+    def micro_batches(step_windows):
+        mine = step_windows.chunk(dp)[dp_rank]
+        return [from_token_windows(layout, mine[i:i + mbs], cfg.tidar.mask_token_id) for i in range(0, len(mine), mbs)]
+
+    valid = trainer.evaluate(micro_batches(windows[0]) + micro_batches(windows[1]))
     losses, grads = [], None
     for step_windows in windows:
-        mine = step_windows.chunk(dp)[dp_rank]
-        micro = [from_token_windows(layout, mine[i:i + mbs], cfg.tidar.mask_token_id)
-                 for i in range(0, len(mine), mbs)]
-        metrics = trainer.train_step(micro)
+        metrics = trainer.train_step(micro_batches(step_windows))
         losses.append([metrics["loss"], metrics["loss_ar"], metrics["loss_diff"], metrics["grad_norm"]])
         if grads is None and not cfg.parallel.use_distributed_optimizer:
             grads = full_tensors(trainer.model, "grad")
-    return {"losses": losses, "grads": grads, "params": full_tensors(trainer.model, "param")}
+    return {"losses": losses, "grads": grads, "params": full_tensors(trainer.model, "param"), "valid": valid}
+
+
+def _assert_same_validation(got: dict, ref: dict):
+    """Losses to rounding; accuracies up to one argmax flipped by rounding (of 2 x 8 x 16 tokens)."""
+    assert got.keys() == ref.keys() and {"ar_accuracy", "draft_accuracy", "est_tokens_per_pass"} <= got.keys()
+    for key in ("loss", "loss_ar", "loss_diff"):
+        assert got[key] == pytest.approx(ref[key], rel=1e-5), key
+    for key in ("ar_accuracy", "draft_accuracy", "draft_agreement", "est_tokens_per_pass"):
+        torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(ref[key]), rtol=0, atol=0.02, msg=key)
 
 
 def _merge(results, key):
@@ -80,6 +93,7 @@ def test_model_parallel_matches_single_rank(name):
     results = run_on_ranks(2, _train, overrides, _windows())
     for r in results:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+        _assert_same_validation(r["valid"], ref["valid"])
     for key in ("grads", "params"):
         got = _merge(results, key)
         assert got.keys() == ref[key].keys()
@@ -94,5 +108,6 @@ def test_data_parallel_distributed_optimizer_matches_single_rank():
     results = run_on_ranks(2, _train, ["--parallel.use_distributed_optimizer", "true"], _windows())
     for r in results:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+        _assert_same_validation(r["valid"], ref["valid"])
         worst = max((rel_err(r["params"][k], ref["params"][k]), k) for k in ref["params"])
         assert worst[0] <= 1e-5, f"params of {worst[1]} differ (rel {worst[0]:.2e})"

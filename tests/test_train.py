@@ -195,6 +195,12 @@ def test_training_lowers_validation_loss_of_both_halves(corpus, tmp_path):
     first = _first_validation(tmp_path / "train.log")
     assert info["valid"]["loss_ar"] < first["loss_ar"] - 0.3
     assert info["valid"]["loss_diff"] < first["loss_diff"] - 0.3
+    # Draft quality from the same forward pass, logged beside the losses and drawn beside the loss curve.
+    valid = info["valid"]
+    assert len(valid["draft_accuracy"]) == len(valid["draft_agreement"]) == 8  # tidar.draft_block_size
+    assert 0 < valid["ar_accuracy"] < 1 and 1 <= valid["est_tokens_per_pass"] <= 8
+    assert {"est_tokens_per_pass", "draft_accuracy_mean"} <= set(first)
+    assert (tmp_path / "loss.png").stat().st_size > 0
 
 
 def _first_validation(log_path):
