@@ -2,61 +2,78 @@
 
     python benchmarks/step_time.py                       # tiny preset on this machine (CPU or GPU)
     python benchmarks/step_time.py --config 1p5b --steps 10 --train.seq_length 4096   # on a GPU
+    python benchmarks/step_time.py --recompute none selective full   # activation recompute's cost and saving
 
-The TiDAR step sees the doubled sequence (2L tokens, the layout's mask); the AR step sees the L clean
-tokens with a causal mask and the AR loss only. The FLOP floor of the ratio is about 2.0x (twice the
-tokens; attention more). Prints ms/step for both, the ratio, clean tokens/s and, on a GPU, MFU.
-Both steps use the configured attention backend (the AR step with `TiDARLayout.causal`).
+The TiDAR step sees the doubled sequence (2L tokens, the layout's mask, both losses); the AR step is
+`tidar.objective: ar`, the same model (same initial weights) on the L clean tokens with the causal layout and
+the AR loss.  The FLOP floor of the ratio is about 2.0x (twice the tokens; attention more).  Prints ms/step
+for both, the ratio, clean tokens/s, the activations autograd keeps for backward (counted with saved-tensor
+hooks, so on any device; recompute shrinks them), and on a GPU MFU and peak memory.  `--json FILE` writes
+the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
 import torch
 
 
+def saved_activation_bytes(trainer, batches) -> int:
+    """Bytes of the distinct tensors autograd saves during one forward + backward of `batches`."""
+    seen, total = set(), [0]
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total[0] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.train_step(batches)
+    return total[0]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--recompute", nargs="+", default=["none"], choices=("none", "selective", "full"),
+                        help="activation recompute settings to compare (model.recompute_granularity)")
+    parser.add_argument("--json", help="write the figures to this file")
     args, overrides = parser.parse_known_args(argv)
 
     from tidar_megatron.config import load_config
     from tidar_megatron.data.batch import from_token_windows
-    from tidar_megatron.layout import TiDARLayout
     from tidar_megatron.training import distributed
-    from tidar_megatron.training.loop import model_flops_per_step
+    from tidar_megatron.training.metrics import model_flops_per_step
     from tidar_megatron.training.trainer import build_trainer
 
-    cfg = load_config(args.config, ["--parallel.use_distributed_optimizer", "false", *overrides])
+    base = ["--parallel.use_distributed_optimizer", "false", *overrides]
+    if not any(o.startswith("--model.vocab_size") for o in overrides):
+        base += ["--model.vocab_size", "256"]
+    cfg = load_config(args.config, base)
     device = distributed.initialize(cfg)
     on_gpu = device == "cuda"
-    trainer = build_trainer(cfg, on_gpu=on_gpu)
     t, L = cfg.train, cfg.train.seq_length
-    mbs, n_micro = t.micro_batch_size, trainer.num_microbatches
-    tidar_layout = TiDARLayout.for_training(L, cfg.tidar.draft_block_size)
-    causal = TiDARLayout.causal(L)
+    mbs = t.micro_batch_size
     dev = "cuda" if on_gpu else "cpu"
     g = torch.Generator().manual_seed(0)
 
-    def tidar_batches():
-        windows = torch.randint(0, cfg.model.vocab_size, (n_micro * mbs, L + 1), generator=g)
-        return [{k: v.to(dev) for k, v in from_token_windows(tidar_layout, windows[i:i + mbs],
-                                                            cfg.tidar.mask_token_id).items()}
-                for i in range(0, len(windows), mbs)]
+    def batches_for(run_cfg, trainer):
+        def make():
+            windows = torch.randint(0, run_cfg.model.vocab_size, (trainer.num_microbatches * mbs, L + 1), generator=g)
+            return [{k: v.to(dev) for k, v in from_token_windows(run_cfg.layout, w, run_cfg.tidar.mask_token_id).items()}
+                    for w in windows.split(mbs)]
+        return make
 
-    def ar_batches():
-        windows = torch.randint(0, cfg.model.vocab_size, (n_micro * mbs, L + 1), generator=g)
-        return [{"input_ids": w[:, :-1].to(dev), "position_ids": causal.position_ids.to(dev),
-                 "targets": w[:, 1:].to(dev), "ar_mask": torch.ones(len(w), L, device=dev),
-                 "diff_mask": torch.zeros(len(w), L, device=dev), "layout": causal}
-                for w in windows.split(mbs)]
-
-    def timed(make):
+    def timed(trainer, make):
         for _ in range(args.warmup):
             trainer.train_step(make())
         times = []
@@ -71,24 +88,46 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - start)
         return sorted(times)[len(times) // 2]  # median
 
-    backend = cfg.model.attention_backend
-    # Alternate the two so that load changes on a shared machine hit both alike.
-    tidar_s, ar_s = [], []
-    for _ in range(2):
-        tidar_s.append(timed(tidar_batches))
-        ar_s.append(timed(ar_batches))
-    tidar_t, ar_t = min(tidar_s), min(ar_s)
-    clean = t.global_batch_size * L
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device_name}; config {args.config} {' '.join(overrides)}; L={L}, global batch "
-          f"{t.global_batch_size}, micro batch {mbs}, backend {backend}")
-    print(f"{'step':<8}{'ms/step':>10}{'clean tok/s':>14}")
-    print(f"{'AR':<8}{ar_t * 1e3:>10.1f}{clean / ar_t:>14.0f}")
-    print(f"{'TiDAR':<8}{tidar_t * 1e3:>10.1f}{clean / tidar_t:>14.0f}")
-    print(f"TiDAR / AR step time: {tidar_t / ar_t:.2f}x (FLOP floor ~2.0x)")
-    if on_gpu:
-        mfu = model_flops_per_step(cfg) / tidar_t / (t.peak_tflops * 1e12 * torch.distributed.get_world_size())
-        print(f"TiDAR MFU: {mfu:.1%} of {t.peak_tflops} TFLOP/s per GPU")
+          f"{t.global_batch_size}, micro batch {mbs}, backend {cfg.model.attention_backend}")
+    print(f"{'recompute':<11}{'step':<7}{'ms/step':>9}{'clean tok/s':>13}{'saved act. MiB':>16}"
+          + (f"{'peak GiB':>10}{'MFU':>8}" if on_gpu else ""))
+    figures = {"device": device_name, "config": args.config, "overrides": overrides, "runs": {}}
+    for recompute in args.recompute:
+        extra = [] if recompute == "none" else ["--model.recompute_granularity", recompute]
+        runs = {}
+        for name, objective in (("TiDAR", "tidar"), ("AR", "ar")):
+            run_cfg = load_config(args.config, base + extra + ["--tidar.objective", objective])
+            torch.manual_seed(t.seed)
+            trainer = build_trainer(run_cfg, on_gpu=on_gpu)
+            runs[name] = (run_cfg, trainer, batches_for(run_cfg, trainer))
+        times = {name: [] for name in runs}
+        for _ in range(2):  # alternate, so that load changes on a shared machine hit both alike
+            for name, (_, trainer, make) in runs.items():
+                times[name].append(timed(trainer, make))
+        for name, (run_cfg, trainer, make) in runs.items():
+            seconds = min(times[name])
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            saved = saved_activation_bytes(trainer, make())
+            row = {"ms_per_step": seconds * 1e3, "clean_tokens_per_s": t.global_batch_size * L / seconds,
+                   "saved_activations_mib": saved / 2**20}
+            line = (f"{recompute:<11}{name:<7}{row['ms_per_step']:>9.1f}{row['clean_tokens_per_s']:>13.0f}"
+                    f"{row['saved_activations_mib']:>16.1f}")
+            if on_gpu:
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                row["mfu"] = model_flops_per_step(run_cfg) / seconds / (
+                    t.peak_tflops * 1e12 * torch.distributed.get_world_size())
+                line += f"{row['peak_memory_gib']:>10.2f}{row['mfu']:>8.1%}"
+            figures["runs"].setdefault(recompute, {})[name] = row
+            print(line)
+        ratio = min(times["TiDAR"]) / min(times["AR"])
+        figures["runs"][recompute]["tidar_over_ar"] = ratio
+        print(f"{'':<11}TiDAR / AR step time: {ratio:.2f}x (FLOP floor ~2.0x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
     distributed.destroy()
     return 0
 
