@@ -1,8 +1,8 @@
 """Tokenization throughput: ours (`data_prep/tokenize.py`) vs Megatron-LM's `tools/preprocess_data.py`.
 
-Both run as separate processes, end to end (start-up, tokenization, writing .bin/.idx), on the same JSONL
-input with the same SentencePiece model and the same number of workers; the outputs must hold the same
-token ids and document boundaries.  Megatron-LM's script is not part of this repository and is never
+Both run as separate processes, end to end (start-up, tokenization, writing .bin/.idx), with the same
+command line (Megatron-LM's flags, which ours accepts unchanged) on the same JSONL input, SentencePiece
+model and number of workers; the outputs must hold the same token ids and document boundaries.  Megatron-LM's script is not part of this repository and is never
 committed: pass its path with --megatron-script or MEGATRON_PREPROCESS, e.g. from a Megatron-LM checkout
 matching the installed megatron-core (0.19):
 
@@ -99,19 +99,22 @@ def main(argv=None) -> int:
                     "--max-sentences", "300000"], check=True, capture_output=True)
 
     ours_prefix, theirs_prefix = scratch / "ours", scratch / "megatron"
-    ours_cmd = [sys.executable, str(REPO / "data_prep" / "tokenize.py"), "--input", str(data),
-                "--output-prefix", str(ours_prefix), "--tokenizer", str(model), "--workers", str(args.workers),
-                "--chunk-mb", str(args.chunk_mb), "--overwrite", "--quiet"]
-    theirs_cmd = [sys.executable, args.megatron_script, "--input", str(data), "--output-prefix",
-                  str(theirs_prefix), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
-                  str(model), "--append-eod", "--workers", str(args.workers), "--log-interval", "100000"]
+
+    def command_line(prefix):  # Megatron-LM's flags, for both tools
+        return ["--input", str(data), "--output-prefix", str(prefix), "--tokenizer-type", "SentencePieceTokenizer",
+                "--tokenizer-model", str(model), "--json-keys", "text", "--append-eod", "--workers",
+                str(args.workers), "--log-interval", "100000"]
+
+    ours_cmd = [sys.executable, str(REPO / "data_prep" / "tokenize.py"), *command_line(ours_prefix), "--overwrite",
+                "--quiet", "--chunk-mb", str(args.chunk_mb)]
+    theirs_cmd = [sys.executable, args.megatron_script, *command_line(theirs_prefix)]
     times = {"ours": [], "theirs": []}
     for _ in range(args.repeats):
         times["theirs"].append(timed(theirs_cmd, scratch))
         times["ours"].append(timed(ours_cmd, scratch))
     t_ours, t_theirs = min(times["ours"]), min(times["theirs"])
 
-    ours = read_ids(str(ours_prefix))
+    ours = read_ids(f"{ours_prefix}_text_document")
     theirs = read_ids(f"{theirs_prefix}_text_document")
     same = all(np.array_equal(a, b) for a, b in zip(ours, theirs))
     n_tokens = len(ours[0])

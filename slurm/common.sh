@@ -23,6 +23,20 @@ export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:Tr
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export WANDB_MODE=${WANDB_MODE:-offline}
 
+# The 1p5b / 8b presets are the paper's continual-pretraining recipe: they start from an AR checkpoint that
+# `tidar-megatron import-hf` converted, given as INIT_FROM; its config.yaml (the checkpoint's architecture
+# and mask token, the preset's recipe) becomes the config.  Without INIT_FROM the trainer refuses to start
+# (checkpoint.init_required) unless FROM_SCRATCH=1, which selects the <preset>-scratch preset instead.
+INIT_FROM=${INIT_FROM:-}
+if [ "${FROM_SCRATCH:-0}" = 1 ]; then
+  CONFIG=${CONFIG:-$PRESET-scratch}
+elif [ -n "$INIT_FROM" ] && [ -f "$INIT_FROM/config.yaml" ]; then
+  CONFIG=${CONFIG:-$INIT_FROM/config.yaml}
+fi
+CONFIG=${CONFIG:-$PRESET}
+init=()
+[ -n "$INIT_FROM" ] && init=(--checkpoint.init_from "$INIT_FROM")
+
 CKPT_DIR=${CKPT_DIR:-runs/$PRESET}
 CONTAINER_IMAGE=${CONTAINER_IMAGE:-}   # pyxis image; otherwise the venv below is used
 VENV=${VENV:-$TIDAR_HOME/.venv}
@@ -36,8 +50,8 @@ else
   source "$VENV/bin/activate"
 fi
 
-echo "job $SLURM_JOB_ID: preset $PRESET, $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT, checkpoints $CKPT_DIR"
+echo "job $SLURM_JOB_ID: config $CONFIG${INIT_FROM:+ from $INIT_FROM}, $SLURM_NTASKS tasks on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT, checkpoints $CKPT_DIR"
 # One task per GPU; each task finds its rank in SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
 # The trainer resumes from $CKPT_DIR automatically and saves on SIGTERM / SIGUSR1 (the launchers' --signal).
 srun --kill-on-bad-exit=1 "${container[@]}" \
-  python -u -m tidar_megatron train --config "$PRESET" --checkpoint.dir "$CKPT_DIR" "$@"
+  python -u -m tidar_megatron train --config "$CONFIG" --checkpoint.dir "$CKPT_DIR" "${init[@]}" "$@"

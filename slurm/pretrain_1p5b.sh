@@ -10,10 +10,16 @@
 #SBATCH --requeue
 #SBATCH --signal=USR1@300
 #SBATCH --output=logs/%x-%j.out
-# TiDAR pretraining, the 1p5b preset (configs/1p5b.yaml), one task per GPU on 8-GPU H100 nodes.
-#   mkdir -p logs && sbatch slurm/pretrain_1p5b.sh --data.blend /data/corpus --data.tokenizer /data/tok.model
+# TiDAR pretraining, the 1p5b preset (configs/1p5b.yaml: the paper's continual-pretraining recipe), one task
+# per GPU on 8-GPU H100 nodes.  From the converted AR checkpoint (INIT_FROM, required by the recipe):
+#   tidar-megatron import-hf --hf Qwen2.5-1.5B/ --output runs/init-1p5b
+#   mkdir -p logs && INIT_FROM=runs/init-1p5b sbatch slurm/pretrain_1p5b.sh --data.blend /data/corpus \
+#       --data.tokenizer Qwen2.5-1.5B/
+# From scratch (the 1p5b-scratch preset, your tokenizer's vocabulary):
+#   FROM_SCRATCH=1 sbatch slurm/pretrain_1p5b.sh --data.blend /data/corpus --data.tokenizer /data/tok.model
 # Submit from the repository root (or set TIDAR_HOME). Override anything: sbatch options on the command
-# line, PRESET / CKPT_DIR / CONTAINER_IMAGE / VENV / NCCL_* in the environment, trainer fields as arguments.
+# line, PRESET / CONFIG / INIT_FROM / FROM_SCRATCH / CKPT_DIR / CONTAINER_IMAGE / VENV / NCCL_* in the
+# environment, trainer fields as arguments.
 # USR1 arrives 5 minutes before the time limit: the trainer saves and exits 0; --requeue lets Slurm
 # restart the job, which resumes from the checkpoint.
 # 1.5B: TP=1 (12 heads / 2 KV groups split poorly; the model fits one GPU with the distributed optimizer),

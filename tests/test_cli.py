@@ -135,7 +135,7 @@ def test_a_non_editable_install_outside_the_repository_finds_the_presets_and_tra
                               "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-3000:]
     assert sorted(p.name for p in (target / "tidar_megatron" / "presets").glob("*.yaml")) == \
-        ["1p5b.yaml", "8b.yaml", "tiny.yaml"]
+        sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
     env = {**os.environ, "PYTHONPATH": str(target)}
     work = tmp_path / "elsewhere"
     work.mkdir()
@@ -143,7 +143,7 @@ def test_a_non_editable_install_outside_the_repository_finds_the_presets_and_tra
                            "print([c.load_config(p).model.num_layers for p in c.preset_names()])"],
                           capture_output=True, text=True, cwd=work, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == [str(target / "tidar_megatron" / "config.py"), "[28, 36, 2]"]
+    assert proc.stdout.splitlines() == [str(target / "tidar_megatron" / "config.py"), "[28, 28, 36, 36, 2]"]
     proc = _cli("train", "--config", "tiny", "--data.blend", corpus["prefix"], "--data.tokenizer",
                 corpus["tokenizer"], "--train.train_steps", "2", "--train.lr_warmup_steps", "0",
                 "--train.eval_interval", "0", "--checkpoint.dir", str(work / "run"), "--log.wandb_mode", "disabled",

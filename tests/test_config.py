@@ -49,7 +49,7 @@ def test_bad_values_name_the_field(overrides, message):
 
 
 def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(ConfigError, match="presets: 1p5b, 8b, tiny"):
+    with pytest.raises(ConfigError, match="presets: 1p5b, 1p5b-scratch, 8b, 8b-scratch, tiny"):
         load_config("nope")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [1, 2")
@@ -60,3 +60,44 @@ def test_missing_and_malformed_files(tmp_path):
     path.write_text(yaml.safe_dump({"model": {"num_layers": 3}, "train": {"seq_length": 32}}))
     cfg = load_config(path)
     assert cfg.model.num_layers == 3 and cfg.train.seq_length == 32
+
+
+PAPER = {"1p5b": 50e9, "8b": 150e9}  # tokens of continual pretraining (arXiv 2511.08923, section 4.1)
+
+
+@pytest.mark.parametrize("preset", list(PAPER))
+def test_recipe_presets_follow_the_paper(preset):
+    cfg = load_config(preset)
+    t = cfg.train
+    assert (t.lr, t.min_lr, t.lr_decay_style) == (1e-5, 3e-6, "cosine")
+    assert t.lr_warmup_steps == round(0.01 * t.train_steps)  # 1% warm-up
+    assert t.seq_length == 4096 and t.global_batch_size * t.seq_length == 2 ** 21  # 2M clean tokens a step
+    assert abs(t.train_steps * 2 ** 21 - PAPER[preset]) < 2 ** 21  # the paper's token budget, to one step
+    assert cfg.tidar.draft_block_size == 16 and t.bf16 and cfg.parallel.use_distributed_optimizer
+    assert cfg.data.reset_attention_mask and cfg.data.reset_position_ids
+    assert cfg.checkpoint.init_required  # it continues an AR checkpoint
+    scratch = load_config(f"{preset}-scratch")
+    assert scratch.train.lr == 3e-4 and not scratch.checkpoint.init_required and scratch.model.vocab_size is None
+    assert (scratch.model.num_layers, scratch.train.train_steps) == (cfg.model.num_layers, t.train_steps)
+
+
+def test_a_preset_can_build_on_another(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: tiny\nmodel:\n  num_layers: 3\n")
+    cfg = load_config(child)
+    assert cfg.model.num_layers == 3 and cfg.model.hidden_size == load_config("tiny").model.hidden_size
+    (tmp_path / "loop.yaml").write_text(f"base: {tmp_path / 'loop.yaml'}\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_import_hf_picks_the_recipe_for_the_model_size():
+    from tidar_megatron.convert.hf_config import parse_hf_config
+    from tidar_megatron.convert.hf_import import recipe_preset
+
+    qwen25_15b = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                      num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+    qwen3_8b = dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                    num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+    assert recipe_preset(parse_hf_config(qwen25_15b, set())) == "1p5b"
+    assert recipe_preset(parse_hf_config(qwen3_8b, set())) == "8b"

@@ -195,3 +195,36 @@ def test_json_files_are_jsonl_only_when_they_look_like_it(tmp_path, sp_model):
     write_jsonl(tree / "b_data.json", ["first", "second"])                             # Megatron's loose JSON
     tokenize_corpus([str(tree)], str(tmp_path / "out"), sp_model, workers=1, progress=False)
     assert read_back(tmp_path / "out", Tokenizer(sp_model)) == [(tree / "a_package.json").read_text(), "first", "second"]
+
+
+def test_megatron_lm_preprocess_data_command_lines_work_unchanged(tmp_path, sp_model, capsys):
+    """Megatron-LM's flags: output names <prefix>_<key>_document, one per --json-keys key, EOD only with
+    --append-eod, accepted no-op flags, and a one-line error for each unsupported one."""
+    docs = [{"text": f"def f{i}(x):\n    return x + {i}\n", "title": f"f{i}"} for i in range(5)]
+    data = tmp_path / "docs.json"
+    data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    tok = Tokenizer(sp_model)
+    line = ["--input", str(data), "--output-prefix", str(tmp_path / "mlm"), "--tokenizer-type",
+            "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--json-keys", "text", "title",
+            "--append-eod", "--workers", "2", "--partitions", "1", "--log-interval", "1000", "--keep-sequential-samples"]
+    assert main(line) == 0
+    assert read_back(tmp_path / "mlm_text_document", tok) == [d["text"] for d in docs]  # one EOD per document
+    assert read_back(tmp_path / "mlm_title_document", tok) == [d["title"] for d in docs]
+    # The same ids as our own command line for the same file.
+    assert main(["--input", str(data), "--output-prefix", str(tmp_path / "ours"), "--tokenizer", sp_model,
+                 "--quiet"]) == 0
+    ours, theirs = IndexedDataset(str(tmp_path / "ours")), IndexedDataset(str(tmp_path / "mlm_text_document"))
+    assert [ours[i].tolist() for i in range(len(ours))] == [theirs[i].tolist() for i in range(len(theirs))]
+    # Without --append-eod, as in Megatron-LM, documents carry no EOD.
+    assert main(line[:10] + ["--output-prefix", str(tmp_path / "noeod"), "--workers", "1"]) == 0
+    plain = IndexedDataset(str(tmp_path / "noeod_text_document"))
+    assert [plain[i].tolist() for i in range(len(plain))] == [theirs[i].tolist()[:-1] for i in range(len(theirs))]
+    capsys.readouterr()
+    for flag, message in [(["--split-sentences"], "--split-sentences: sentence splitting"),
+                          (["--vocab-file", "v.json"], "--vocab-file: vocab/merge-file tokenizers"),
+                          (["--lang", "english"], "--lang: only applies with --split-sentences")]:
+        assert main(line + ["--output-prefix", str(tmp_path / "x")] + flag) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"tidar-megatron tokenize: error: {err.split('error: ', 1)[1]}" and message in err, err
+    with pytest.raises(SystemExit):  # argparse: an unknown tokenizer type lists the supported ones
+        main(["--input", str(data), "--output-prefix", "o", "--tokenizer-type", "GPT2BPETokenizer"])

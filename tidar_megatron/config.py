@@ -91,6 +91,14 @@ class ModelConfig(_Section):
     attention_dropout: float = option(0.0, "attention dropout")
     hidden_dropout: float = option(0.0, "hidden dropout")
     make_vocab_size_divisible_by: int = option(128, "pad the embedding rows to a multiple of this")
+    recompute_granularity: str | None = option(None, "activation recompute (Megatron-core's): selective "
+                                               "(the attention core) or full (whole layers); unset: none",
+                                               (None, "selective", "full"))
+    recompute_method: str | None = option(None, "with full: uniform (every recompute_num_layers layers form "
+                                          "a unit) or block (the first recompute_num_layers layers of each "
+                                          "stage); default uniform", (None, "uniform", "block"))
+    recompute_num_layers: int | None = option(None, "with full: layers per unit (uniform) or recomputed "
+                                              "layers per stage (block); default 1")
 
     def validate(self):
         self._positive("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
@@ -101,6 +109,10 @@ class ModelConfig(_Section):
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError("model.hidden_size must be divisible by model.num_attention_heads "
                               "(or set model.kv_channels)")
+        if self.recompute_granularity != "full" and (self.recompute_method or self.recompute_num_layers):
+            raise ConfigError("model.recompute_method and model.recompute_num_layers apply to "
+                              "model.recompute_granularity full only")
+        self._positive("recompute_num_layers")
 
     @property
     def head_dim(self) -> int:
@@ -188,6 +200,9 @@ class DataConfig(_Section):
     cache_dir: str | None = option(None, "Megatron's dataset index cache (default: <checkpoint.dir>/data_cache)")
     num_workers: int = option(0, "DataLoader worker processes")
     eod_mask_loss: bool = option(False, "do not train on predicting the end-of-document token")
+    reset_attention_mask: bool = option(False, "document-level attention: no token attends across an EOD "
+                                        "boundary of the packed sequence (Megatron-LM's flag)")
+    reset_position_ids: bool = option(False, "positions restart at 0 at every document start (Megatron-LM's)")
 
 
 @dataclass
@@ -199,6 +214,8 @@ class CheckpointConfig(_Section):
     async_save: bool = option(False, "write periodic saves in a background process while training goes on")
     resume: str = option("auto", "auto: newest loadable checkpoint in dir | none | a checkpoint path")
     init_from: str | None = option(None, "initial weights only (e.g. `tidar-megatron import-hf` output)")
+    init_required: bool = option(False, "refuse to start without init_from (the continual-pretraining "
+                                 "presets: the paper's recipe starts from an AR checkpoint)")
 
 
 @dataclass
@@ -287,8 +304,9 @@ def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in preset_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(preset: str | Path, overrides: list[str] | None = None) -> Config:
-    """Load a preset (a name in configs/ or a YAML path) and apply `--section.field value` overrides."""
+def _read_preset(preset: str | Path, chain: tuple = ()) -> tuple[dict, str]:
+    """(sections, source name) of a preset name or YAML path; a top-level `base: <preset>` is loaded first
+    and the file's sections are merged over it, field by field."""
     path = Path(preset)
     if not path.suffix:
         names = preset_names()
@@ -309,6 +327,23 @@ def load_config(preset: str | Path, overrides: list[str] | None = None) -> Confi
         raise ConfigError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (model, tidar, parallel, train, data)")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw, source
+    if str(base) in chain:
+        raise ConfigError(f"{source}: base {base!r} includes itself")
+    merged, base_source = _read_preset(base, chain + (str(preset),))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged, f"{source} (on {base_source})"
+
+
+def load_config(preset: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a preset (a name in configs/ or a YAML path) and apply `--section.field value` overrides."""
+    raw, source = _read_preset(preset)
     from_cli = set()
     for key, value in parse_overrides(overrides or []):
         key = ALIASES.get(key, key)

@@ -4,7 +4,9 @@
 
 Writes `<output>/iter_0000000` (loads at any TP/PP: dist_checkpointing reshards by global shape) and
 `<output>/config.yaml`, the config to train it with: the architecture from config.json, the rest from the
-preset, and `checkpoint.init_from` pointing at the checkpoint.
+preset, and `checkpoint.init_from` pointing at the checkpoint.  The default preset is the paper's
+continual-pretraining recipe for the model's size (`1p5b`, or `8b` above 4B parameters): peak lr 1e-5,
+cosine to 3e-6, 1% warm-up, 2M-token batches, document-level attention.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ def check_output(output: Path, force: bool):
         raise ConvertError(f"{output} already exists; pass --force to replace it or choose another --output")
 
 
+def recipe_preset(hf) -> str:
+    """The continual-pretraining preset for a checkpoint's size: 8b above 4B parameters, else 1p5b."""
+    attention = hf.hidden_size * hf.head_dim * (2 * hf.num_heads + 2 * hf.num_kv_heads)
+    layers = hf.num_layers * (attention + 3 * hf.hidden_size * hf.intermediate_size)
+    embeddings = hf.vocab_size * hf.hidden_size * (1 if hf.tie_word_embeddings else 2)
+    return "8b" if layers + embeddings > 4e9 else "1p5b"
+
+
 def read_hf(hf_dir: Path):
     """(HFConfig, weights) of a Hugging Face directory, read as the decoder reads it."""
     from tidar_megatron.inference.hf_checkpoint import load_weights
@@ -49,6 +59,7 @@ def import_hf_local(hf_dir, output, tensor_parallel: int | None = None, pipeline
     hf_dir, output = Path(hf_dir), Path(output)
     check_output(output, force)
     hf, weights = read_hf(hf_dir)
+    preset = recipe_preset(hf) if preset == "auto" else preset
     cfg = config_from_hf(hf, set(weights), tensor_parallel, pipeline_parallel, mask_token_id,
                          base=load_config(preset) if preset else None, source=str(hf_dir / "config.json"))
     validate_layout(cfg, cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel)
@@ -77,11 +88,12 @@ def import_hf_local(hf_dir, output, tensor_parallel: int | None = None, pipeline
 
 
 def import_hf(hf_dir, output, tensor_parallel: int | None = None, pipeline_parallel: int | None = None,
-              mask_token_id: int | None = None, force: bool = False, preset: str | None = None) -> Path:
+              mask_token_id: int | None = None, force: bool = False, preset: str | None = "auto") -> Path:
     """A Hugging Face Qwen2 / Qwen3 / Llama directory -> a TiDAR checkpoint (`<output>/iter_0000000`) and the
-    config to train it with (`<output>/config.yaml`: the architecture from config.json, the rest from --config)."""
+    config to train it with (`<output>/config.yaml`: the architecture from config.json, the rest from the
+    preset; "auto": the paper's recipe for its size, None: the built-in defaults)."""
     check_output(Path(output), force)
-    if preset:
+    if preset and preset != "auto":
         load_config(preset)  # a bad preset name fails here, before a process starts
     read_hf(Path(hf_dir))  # and so does a directory that is not a checkpoint
     return in_fresh_process(import_hf_local, str(hf_dir), str(output), tensor_parallel, pipeline_parallel,
@@ -93,8 +105,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tidar-megatron import-hf", description=import_hf.__doc__)
     parser.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + safetensors)")
     parser.add_argument("--output", required=True, help="checkpoint directory to create")
-    parser.add_argument("--config", help="preset or YAML to take the training settings from (default: built-in "
-                        "defaults); the architecture always comes from the Hugging Face config.json")
+    parser.add_argument("--config", default="auto", help="preset or YAML to take the training settings from "
+                        "(default auto: the paper's continual-pretraining recipe, 1p5b or 8b by the model's size); "
+                        "the architecture always comes from the Hugging Face config.json")
     parser.add_argument("--tp", type=int, help="the TP to write into config.yaml and check the architecture "
                         "against (default: the preset's); the checkpoint itself loads at any layout")
     parser.add_argument("--pp", type=int, help="the PP for config.yaml (default: the preset's)")

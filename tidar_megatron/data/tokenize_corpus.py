@@ -60,10 +60,10 @@ def _megatron_indexed():
     return indexed_dataset
 
 
-def _init_worker(tokenizer_path, mask_token, text_key, on_error, counters):
+def _init_worker(tokenizer_path, mask_token, text_key, on_error, counters, append_eod=True):
     DType = _megatron_indexed().DType
     tok = Tokenizer(tokenizer_path, mask_token)
-    _worker.update(tok=tok, text_key=text_key, on_error=on_error, counters=counters,
+    _worker.update(tok=tok, text_key=text_key, on_error=on_error, counters=counters, append_eod=append_eod,
                    dtype=DType.optimal_dtype(tok.vocab_size))
 
 
@@ -106,7 +106,8 @@ def _tokenize_chunk(job: tuple[int, Chunk, str]) -> dict:
                     stats["errors"].append([doc.path, doc.line, doc.reason])
                 continue
             ids = tok.encode(doc)
-            ids.append(eod)
+            if _worker["append_eod"]:
+                ids.append(eod)
             builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
             stats["docs"] += 1
             stats["tokens"] += len(ids)
@@ -133,20 +134,20 @@ def _write_json_atomic(path: str, obj) -> None:
     write_atomic(path, json.dumps(obj))
 
 
-def _shard_names(chunks: list[Chunk], tok: Tokenizer, text_key: str) -> list[str]:
+def _shard_names(chunks: list[Chunk], tok: Tokenizer, text_key: str, append_eod: bool) -> list[str]:
     """Names that change whenever the shard's content could: the chunk, its files' size/mtime, the
-    tokenizer's content and the text key."""
+    tokenizer's content, the text key and whether EOD is appended."""
     names = []
     for i, c in enumerate(chunks):
-        key = json.dumps([c.paths, c.start, c.end, c.stamps, tok.fingerprint, text_key])
+        key = json.dumps([c.paths, c.start, c.end, c.stamps, tok.fingerprint, text_key] + ([] if append_eod else [0]))
         names.append(f"{i:06d}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
     return names
 
 
-def _prepare_shards(shard_dir: Path, chunks: list[Chunk], tok: Tokenizer, text_key: str):
+def _prepare_shards(shard_dir: Path, chunks: list[Chunk], tok: Tokenizer, text_key: str, append_eod: bool):
     """Shard path prefixes, and the summaries of the shards a previous run finished."""
     shard_dir.mkdir(parents=True, exist_ok=True)
-    names = _shard_names(chunks, tok, text_key)
+    names = _shard_names(chunks, tok, text_key, append_eod)
     wanted = set(names)
     for f in shard_dir.iterdir():  # shards of another plan (changed inputs/tokenizer) or torn writes
         if f.name.split(".")[0] not in wanted or f.name.endswith(".tmp"):
@@ -214,9 +215,10 @@ def tokenize_corpus(inputs: list[str], output_prefix: str, tokenizer: str, *, te
                     glob: str = "**/*", workers: int | None = None, chunk_mb: float = 256,
                     on_error: str = "skip", mask_token: str = MASK_TOKEN, overwrite: bool = False,
                     keep_shards: bool = False, progress: bool = True, log_interval: float = 2.0,
-                    max_errors_shown: int = 20) -> dict:
+                    max_errors_shown: int = 20, append_eod: bool = True) -> dict:
     """Tokenize `inputs` into `output_prefix`.bin/.idx; return the summary.  Raises InputError,
-    TokenizerError or FatalDocumentError with a one-line message."""
+    TokenizerError or FatalDocumentError with a one-line message.  `append_eod`: end every document with
+    the tokenizer's end-of-document id (the training datasets' document boundary)."""
     DType = _megatron_indexed().DType
     if on_error not in ("skip", "fail"):
         raise InputError(f"--on-error must be 'skip' or 'fail', got {on_error!r}")
@@ -229,13 +231,13 @@ def tokenize_corpus(inputs: list[str], output_prefix: str, tokenizer: str, *, te
     # so that a resumed run plans the same shards.
     total_bytes = sum(os.path.getsize(f) for f in files)
     chunks = plan_chunks(files, min(int(chunk_mb * (1 << 20)), max(1 << 20, total_bytes // 64)))
-    prefixes, done = _prepare_shards(Path(f"{output_prefix}.shards"), chunks, tok, text_key)
+    prefixes, done = _prepare_shards(Path(f"{output_prefix}.shards"), chunks, tok, text_key, append_eod)
     todo = [(i, chunks[i], prefixes[i]) for i in range(len(chunks)) if i not in done]
 
     counters = mp.get_context("fork").Array("d", 4)
     prog = _Progress(counters, sum(c.disk_bytes for _, c, _ in todo) or 1,
                      progress, log_interval)
-    init_args = (tokenizer, mask_token, text_key, on_error, counters)
+    init_args = (tokenizer, mask_token, text_key, on_error, counters, append_eod)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
     results = dict(done)
     line_offset: dict[str, int] = {}
@@ -312,11 +314,30 @@ class _TimeoutIter:
         return self.it.next(timeout=self.timeout)
 
 
+MEGATRON_TOKENIZERS = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer")
+# Megatron-LM preprocess_data.py flags we do not support, with the reason (one line each).
+MEGATRON_UNSUPPORTED = {
+    "--split-sentences": "sentence splitting (nltk) is not supported; documents are kept whole",
+    "--keep-newlines": "only applies with --split-sentences, which is not supported",
+    "--lang": "only applies with --split-sentences, which is not supported",
+    "--vocab-file": "vocab/merge-file tokenizers (GPT2BPETokenizer, BertWordPiece*) are not supported; use "
+                    "SentencePieceTokenizer or HuggingFaceTokenizer with --tokenizer-model",
+    "--merge-file": "vocab/merge-file tokenizers are not supported; use --tokenizer-model",
+    "--vocab-size": "NullTokenizer is not supported; use a real tokenizer with --tokenizer-model",
+    "--tokenizer-metadata": "not supported; give the tokenizer with --tokenizer-model",
+    "--tokenizer-special-tokens": "not supported; special tokens come from the tokenizer itself",
+    "--tiktoken-pattern": "TikTokenizer is not supported",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="tidar-megatron tokenize", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="tidar-megatron tokenize", description=__doc__.splitlines()[0],
+                                 epilog="Megatron-LM's tools/preprocess_data.py command lines work unchanged: with "
+                                 "--tokenizer-type, outputs are named <prefix>_<key>_document.bin/.idx per --json-keys "
+                                 "key and EOD is appended only with --append-eod, as there.")
     ap.add_argument("--input", nargs="+", required=True, help="files and/or directories (JSONL, text, source; .gz/.zst ok)")
     ap.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
-    ap.add_argument("--tokenizer", required=True, help="SentencePiece .model file or Hugging Face tokenizer directory")
+    ap.add_argument("--tokenizer", help="SentencePiece .model file or Hugging Face tokenizer directory")
     ap.add_argument("--text-key", default="text", help="JSONL key holding the document text")
     ap.add_argument("--glob", default="**/*", help="files to take from input directories, e.g. '**/*.py'")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -325,16 +346,43 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mask-token", default=MASK_TOKEN)
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output")
     ap.add_argument("--keep-shards", action="store_true")
-    ap.add_argument("--log-interval", type=float, default=2.0, help="seconds between progress lines")
+    ap.add_argument("--log-interval", type=float, default=2.0, help="seconds between progress lines (with "
+                    "--tokenizer-type: Megatron-LM's documents between log lines, accepted and unused)")
     ap.add_argument("--quiet", action="store_true")
+    megatron = ap.add_argument_group("Megatron-LM preprocess_data.py flags")
+    megatron.add_argument("--tokenizer-type", choices=MEGATRON_TOKENIZERS)
+    megatron.add_argument("--tokenizer-model", help="with --tokenizer-type: the .model file or HF tokenizer directory")
+    megatron.add_argument("--json-keys", nargs="+", help="with --tokenizer-type: the JSON keys to tokenize, one "
+                          "output each (default text)")
+    megatron.add_argument("--append-eod", action="store_true", help="with --tokenizer-type: end documents with EOD")
+    megatron.add_argument("--partitions", type=int, default=1, help="accepted; the input is sharded by size instead")
+    megatron.add_argument("--keep-sequential-samples", action="store_true", help="accepted; outputs keep input order")
+    for flag in MEGATRON_UNSUPPORTED:
+        megatron.add_argument(flag, nargs="?", const=True, help=argparse.SUPPRESS)
     return ap
 
 
 @entry_point("tidar-megatron tokenize")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    tokenize_corpus(args.input, args.output_prefix, args.tokenizer, text_key=args.text_key, glob=args.glob,
-                    workers=args.workers, chunk_mb=args.chunk_mb, on_error=args.on_error,
-                    mask_token=args.mask_token, overwrite=args.overwrite, keep_shards=args.keep_shards,
-                    progress=not args.quiet, log_interval=args.log_interval)
+    for flag, reason in MEGATRON_UNSUPPORTED.items():
+        if getattr(args, flag.lstrip("-").replace("-", "_")) is not None:
+            raise InputError(f"{flag}: {reason}")
+    common = dict(glob=args.glob, workers=args.workers, chunk_mb=args.chunk_mb, on_error=args.on_error,
+                  mask_token=args.mask_token, overwrite=args.overwrite, keep_shards=args.keep_shards,
+                  progress=not args.quiet)
+    if args.tokenizer_type is None:
+        if not args.tokenizer:
+            raise InputError("--tokenizer is required (or Megatron-LM's --tokenizer-type with --tokenizer-model)")
+        tokenize_corpus(args.input, args.output_prefix, args.tokenizer, text_key=args.text_key,
+                        log_interval=args.log_interval, **common)
+        return 0
+    if args.tokenizer:
+        raise InputError("--tokenizer and --tokenizer-type are two ways to say the same: give one "
+                         "(--tokenizer-type with --tokenizer-model, as Megatron-LM's preprocess_data.py)")
+    if not args.tokenizer_model:
+        raise InputError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
+    for key in args.json_keys or ["text"]:  # Megatron-LM's output names: <prefix>_<key>_document
+        tokenize_corpus(args.input, f"{args.output_prefix}_{key}_document", args.tokenizer_model, text_key=key,
+                        append_eod=args.append_eod, **common)
     return 0

@@ -63,6 +63,11 @@ def transformer_config(cfg: Config, on_gpu: bool) -> TransformerConfig:
         persist_layer_norm=False,
         apply_rope_fusion=False,
         cross_entropy_loss_fusion=False,
+        # Activation recompute is Megatron-core's; the layout reaches attention as a tensor argument, which
+        # its checkpointing saves and replays (attention.py), so a recomputed forward applies the same mask.
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=(m.recompute_method or "uniform") if m.recompute_granularity == "full" else None,
+        recompute_num_layers=(m.recompute_num_layers or 1) if m.recompute_granularity == "full" else None,
     )
 
 

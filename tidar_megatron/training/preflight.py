@@ -42,6 +42,10 @@ def check_data(cfg: Config) -> Tokenizer:
 
 def check_checkpoints(cfg: Config):
     c = cfg.checkpoint
+    if c.init_required and not c.init_from and not _is_checkpoint(Path(c.dir)):
+        raise ConfigError("this config continues an AR checkpoint (the paper's recipe; checkpoint.init_required): "
+                          "set --checkpoint.init_from to the output of `tidar-megatron import-hf` (INIT_FROM for "
+                          "the Slurm launchers), or train from scratch with the *-scratch preset (FROM_SCRATCH=1)")
     if c.init_from and not _is_checkpoint(Path(c.init_from)):
         raise ConfigError(f"checkpoint.init_from {c.init_from}: no checkpoint there (expected metadata.json or "
                           "iter_* folders, e.g. the output of `tidar-megatron import-hf`)")
