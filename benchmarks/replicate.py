@@ -45,10 +45,8 @@ def sh(*args, log: Path | None = None):
 
 def prepare_data(out: Path, corpus_mb: float, vocab: int):
     from tidar_megatron.data.tokenize_corpus import tokenize_corpus
-    from tidar_megatron.data.tokenizer import train_sentencepiece
+    from tidar_megatron.data.tokenizer import Tokenizer, train_sentencepiece
     from tidar_megatron.quickstart import heldout_prompts, stdlib_sources
-
-    from tidar_megatron.data.tokenizer import Tokenizer
 
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)

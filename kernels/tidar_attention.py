@@ -145,6 +145,16 @@ def _query_tile_launch(mask, config: TileConfig, q_offset: int, batch_heads: int
     return tables, tables.keys_of_query_tile, first_q_tile, grid
 
 
+def _row_args(tables, batch: int) -> tuple:
+    """The row-range kernel arguments: the [4, samples, seq_len] tensor, its per-sample stride (0 for a
+    layout shared by the batch) and its plane stride."""
+    rows = tables.rows
+    samples, seq_len = rows.shape[1], rows.shape[2]
+    if samples not in (1, batch):
+        raise ValueError(f"the mask describes {samples} samples but the batch has {batch}")
+    return rows, seq_len if samples > 1 else 0, samples * seq_len
+
+
 def _forward(q, k, v, mask, softmax_scale, q_offset):
     batch, num_queries, q_heads, head_dim = q.shape
     out = torch.empty_like(q)
@@ -154,7 +164,7 @@ def _forward(q, k, v, mask, softmax_scale, q_offset):
         tables, visits, first_q_tile, grid = _query_tile_launch(mask, config, q_offset, batch * q_heads,
                                                                 q.device)
         tidar_attention_fwd_kernel[grid](
-            q, k, v, out, lse, tables.clean_end, tables.block_lo, tables.block_hi,
+            q, k, v, out, lse, *_row_args(tables, batch),
             visits.index, visits.tile_class, visits.count,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             q_heads, q_heads // k.shape[2], q_offset, num_queries, mask.seq_len, first_q_tile,
@@ -191,7 +201,7 @@ def _backward(q, k, v, out, lse, grad_out, mask, softmax_scale, q_offset):
                               dtype=buffer_dtype) for _ in range(2))
         grid = (triton.cdiv(mask.seq_len, config.block_n), batch * kv_heads * splits)
         tidar_attention_bwd_dkdv_kernel[grid](
-            q, k, v, grad_out, lse, delta, dk, dv, tables.clean_end, tables.block_lo, tables.block_hi,
+            q, k, v, grad_out, lse, delta, dk, dv, *_row_args(tables, batch),
             visits.index, visits.tile_class, visits.count, *strides, *_strides(dk),
             q_heads, kv_heads, group_size, splits, q_offset, num_queries, mask.seq_len,
             visits.index.shape[1], scale_log2, softmax_scale,
@@ -204,7 +214,7 @@ def _backward(q, k, v, out, lse, grad_out, mask, softmax_scale, q_offset):
         tables, visits, first_q_tile, grid = _query_tile_launch(mask, config, q_offset, batch * q_heads,
                                                                 q.device)
         tidar_attention_bwd_dq_kernel[grid](
-            q, k, v, grad_out, lse, delta, dq, tables.clean_end, tables.block_lo, tables.block_hi,
+            q, k, v, grad_out, lse, delta, dq, *_row_args(tables, batch),
             visits.index, visits.tile_class, visits.count, *strides,
             q_heads, q_heads // kv_heads, q_offset, num_queries, mask.seq_len, first_q_tile,
             visits.index.shape[1], scale_log2, softmax_scale,

@@ -8,8 +8,10 @@ Conventions shared by all three programs:
   * scores are kept in log2 units (scaled by softmax_scale * log2(e)) so the softmax uses exp2, and the
     saved log-sum-exp LSE [batch, q_heads, num_queries] fp32 is in the same units;
   * only PARTIAL tiles evaluate the element mask, from the mask's row ranges: the keys visible to row r
-    are [0, clean_end[r]) and [block_lo[r], block_hi[r]).  Rows outside [q_offset, seq_len) load empty
-    ranges and zero inputs, so they never contribute.
+    are [clean_lo[r], clean_end[r]) and [block_lo[r], block_hi[r]), read from `Rows`, an int32
+    [4, samples, seq_len] tensor (planes clean_lo, clean_end, block_lo, block_hi) at sample `batch` (or
+    sample 0 for every batch element when `rows_stride_b` is 0: a layout shared by the batch).  Rows
+    outside [q_offset, seq_len) load empty ranges and zero inputs, so they never contribute.
 """
 
 import triton
@@ -22,10 +24,11 @@ PARTIAL_TILE = tl.constexpr(TILE_PARTIAL)
 
 
 @triton.jit
-def _mask_partial(scores, tile_class, cols, clean_end, block_lo, block_hi, fill):
+def _mask_partial(scores, tile_class, cols, clean_lo, clean_end, block_lo, block_hi, fill):
     if tile_class == PARTIAL_TILE:
         key = cols[None, :]
-        visible = (key < clean_end[:, None]) | ((key >= block_lo[:, None]) & (key < block_hi[:, None]))
+        visible = (((key >= clean_lo[:, None]) & (key < clean_end[:, None]))
+                   | ((key >= block_lo[:, None]) & (key < block_hi[:, None])))
         scores = tl.where(visible, scores, fill)
     return scores
 
@@ -41,15 +44,17 @@ def _query_tile_program(first_q_tile, num_q_heads, group_size):
 
 
 @triton.jit
-def _query_rows(q_tile, q_offset, seq_len, CleanEnd, BlockLo, BlockHi, BLOCK_M: tl.constexpr):
+def _query_rows(q_tile, q_offset, seq_len, Rows, batch, rows_stride_b, rows_plane, BLOCK_M: tl.constexpr):
     """Layout rows of query tile `q_tile`: which are real queries (rows before `q_offset` are cached
-    prefix), their query index, and their visible key ranges (`TiDARLayout.row_ranges`)."""
+    prefix), their query index, and their visible key ranges (the mask's `row_ranges`) for `batch`."""
     rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = (rows >= q_offset) & (rows < seq_len)
-    clean_end = tl.load(CleanEnd + rows, mask=row_ok, other=0)
-    block_lo = tl.load(BlockLo + rows, mask=row_ok, other=0)
-    block_hi = tl.load(BlockHi + rows, mask=row_ok, other=0)
-    return rows, row_ok, rows - q_offset, clean_end, block_lo, block_hi
+    base = Rows + batch * rows_stride_b + rows
+    clean_lo = tl.load(base, mask=row_ok, other=0)
+    clean_end = tl.load(base + rows_plane, mask=row_ok, other=0)
+    block_lo = tl.load(base + 2 * rows_plane, mask=row_ok, other=0)
+    block_hi = tl.load(base + 3 * rows_plane, mask=row_ok, other=0)
+    return rows, row_ok, rows - q_offset, clean_lo, clean_end, block_lo, block_hi
 
 
 @triton.jit
@@ -69,7 +74,7 @@ def _visited_key_tile(KeyTileIndex, KeyTileClass, entry, k_base, v_base, k_strid
 @triton.jit
 def tidar_attention_fwd_kernel(
     Q, K, V, Out, LSE,
-    CleanEnd, BlockLo, BlockHi,
+    Rows, rows_stride_b, rows_plane,
     KeyTileIndex, KeyTileClass, KeyTileCount,
     q_stride_b, q_stride_s, q_stride_h,
     k_stride_b, k_stride_s, k_stride_h,
@@ -80,8 +85,8 @@ def tidar_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     q_tile, batch_head, batch, head, kv_head = _query_tile_program(first_q_tile, num_q_heads, group_size)
-    rows, row_ok, queries, clean_end, block_lo, block_hi = _query_rows(
-        q_tile, q_offset, seq_len, CleanEnd, BlockLo, BlockHi, BLOCK_M)
+    rows, row_ok, queries, clean_lo, clean_end, block_lo, block_hi = _query_rows(
+        q_tile, q_offset, seq_len, Rows, batch, rows_stride_b, rows_plane, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + batch * q_stride_b + head * q_stride_h + queries[:, None] * q_stride_s + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -96,7 +101,7 @@ def tidar_attention_fwd_kernel(
         tile_class, cols, k, v = _visited_key_tile(KeyTileIndex, KeyTileClass, table + i, k_base, v_base,
                                                    k_stride_s, v_stride_s, dims, seq_len, BLOCK_N)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        scores = _mask_partial(scores, tile_class, cols, clean_end, block_lo, block_hi, float("-inf"))
+        scores = _mask_partial(scores, tile_class, cols, clean_lo, clean_end, block_lo, block_hi, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
         # A row can see nothing yet (padding rows, or a partial tile before its first visible key): keep
         # exp2 away from (-inf) - (-inf).
@@ -117,7 +122,7 @@ def tidar_attention_fwd_kernel(
 @triton.jit
 def tidar_attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta, DK, DV,
-    CleanEnd, BlockLo, BlockHi,
+    Rows, rows_stride_b, rows_plane,
     QueryTileIndex, QueryTileClass, QueryTileCount,
     q_stride_b, q_stride_s, q_stride_h,
     k_stride_b, k_stride_s, k_stride_h,
@@ -152,8 +157,8 @@ def tidar_attention_bwd_dkdv_kernel(
     for i in range(0, tl.load(QueryTileCount + k_tile)):
         q_tile = tl.load(QueryTileIndex + table + i)
         tile_class = tl.load(QueryTileClass + table + i)
-        rows, row_ok, queries, clean_end, block_lo, block_hi = _query_rows(
-            q_tile, q_offset, seq_len, CleanEnd, BlockLo, BlockHi, BLOCK_M)
+        rows, row_ok, queries, clean_lo, clean_end, block_lo, block_hi = _query_rows(
+            q_tile, q_offset, seq_len, Rows, batch, rows_stride_b, rows_plane, BLOCK_M)
         for g in range(0, heads_per_split):
             head = kv_head * group_size + split * heads_per_split + g
             batch_head = batch * num_q_heads + head
@@ -165,7 +170,7 @@ def tidar_attention_bwd_dkdv_kernel(
             delta = tl.load(Delta + batch_head * num_queries + queries, mask=row_ok, other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             p = tl.exp2(scores - lse[:, None])
-            p = _mask_partial(p, tile_class, cols, clean_end, block_lo, block_hi, 0.0)
+            p = _mask_partial(p, tile_class, cols, clean_lo, clean_end, block_lo, block_hi, 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
@@ -180,7 +185,7 @@ def tidar_attention_bwd_dkdv_kernel(
 @triton.jit
 def tidar_attention_bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta, DQ,
-    CleanEnd, BlockLo, BlockHi,
+    Rows, rows_stride_b, rows_plane,
     KeyTileIndex, KeyTileClass, KeyTileCount,
     q_stride_b, q_stride_s, q_stride_h,
     k_stride_b, k_stride_s, k_stride_h,
@@ -191,8 +196,8 @@ def tidar_attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     q_tile, batch_head, batch, head, kv_head = _query_tile_program(first_q_tile, num_q_heads, group_size)
-    rows, row_ok, queries, clean_end, block_lo, block_hi = _query_rows(
-        q_tile, q_offset, seq_len, CleanEnd, BlockLo, BlockHi, BLOCK_M)
+    rows, row_ok, queries, clean_lo, clean_end, block_lo, block_hi = _query_rows(
+        q_tile, q_offset, seq_len, Rows, batch, rows_stride_b, rows_plane, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     q_offsets = batch * q_stride_b + head * q_stride_h + queries[:, None] * q_stride_s + dims[None, :]
     q = tl.load(Q + q_offsets, mask=row_ok[:, None], other=0.0)
@@ -210,7 +215,7 @@ def tidar_attention_bwd_dq_kernel(
                                                    k_stride_s, v_stride_s, dims, seq_len, BLOCK_N)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         p = tl.exp2(scores - lse[:, None])
-        p = _mask_partial(p, tile_class, cols, clean_end, block_lo, block_hi, 0.0)
+        p = _mask_partial(p, tile_class, cols, clean_lo, clean_end, block_lo, block_hi, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)

@@ -31,9 +31,7 @@ class VisitList:
 
 @dataclass(frozen=True)
 class TileTables:
-    clean_end: torch.Tensor  # [seq_len] int32, the mask's row_ranges
-    block_lo: torch.Tensor
-    block_hi: torch.Tensor
+    rows: torch.Tensor  # [4, samples, seq_len] int32: the mask's row_ranges (clean_lo, clean_end, block_lo, block_hi)
     keys_of_query_tile: VisitList  # forward and dQ
     queries_of_key_tile: VisitList  # dK / dV
 
@@ -60,7 +58,7 @@ def tile_tables(mask: BlockSparseMask, tile_q: int, tile_k: int, device: torch.d
         # bounds-check keys on PARTIAL tiles, so demote it.
         last = classes[:, -1]
         last[last == TILE_FULL] = TILE_PARTIAL
-    clean_end, block_lo, block_hi = (r.to(torch.int32).to(device) for r in mask.row_ranges)
-    return TileTables(clean_end, block_lo, block_hi,
+    rows = torch.stack([r.reshape(-1, mask.seq_len) for r in mask.row_ranges]).to(torch.int32).to(device)
+    return TileTables(rows.contiguous(),
                       keys_of_query_tile=_visit_list(classes, device),
                       queries_of_key_tile=_visit_list(classes.t().contiguous(), device))

@@ -25,7 +25,8 @@ def reference_attention(q, k, v, layout, q_offset=0, softmax_scale=None):
     """SDPA with the layout's dense mask (True = keep), KV heads repeated for GQA; [b, s, h, d] in and out."""
     group = q.shape[2] // k.shape[2]
     k, v = (x.repeat_interleave(group, dim=2) for x in (k, v))
-    mask = layout.dense_mask(q.device)[q_offset:]
+    mask = layout.dense_mask(q.device)[..., q_offset:, :]
+    mask = mask[:, None] if mask.dim() == 3 else mask  # packed documents: one mask per sample
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=softmax_scale)
     return out.transpose(1, 2)
@@ -76,6 +77,16 @@ TRAINING_CASES = [
 def test_training_layout_matches_sdpa(clean_len, block_size, q_heads, kv_heads, head_dim):
     layout = TiDARLayout.for_training(clean_len, block_size)
     q, k, v = random_qkv(2, layout.seq_len, layout.seq_len, q_heads, kv_heads, head_dim)
+    errors = compare_with_reference(layout, q, k, v)
+    assert max(errors.values()) <= 1e-4, errors
+
+
+@pytest.mark.parametrize("attention", [True, False])
+def test_packed_documents_match_sdpa(attention):
+    """Per-sample row ranges (document cuts inside blocks, a document shorter than a block) and the tile
+    classes that hold for every sample of the batch."""
+    layout = TiDARLayout.for_training(24, 8).with_documents([(3, 10), (), (17, 18, 20)], attention=attention)
+    q, k, v = random_qkv(3, layout.seq_len, layout.seq_len, 4, 2, 16, seed=5)
     errors = compare_with_reference(layout, q, k, v)
     assert max(errors.values()) <= 1e-4, errors
 

@@ -93,3 +93,68 @@ def test_bad_layouts_are_rejected():
         TiDARLayout.for_training(0, 4)
     with pytest.raises(ValueError, match="clean tokens"):
         TiDARLayout.for_training(8, 4).training_inputs(torch.zeros(1, 7, dtype=torch.long), 0)
+
+
+# --- packed documents (reset_attention_mask / reset_position_ids) ---------------------------------------
+DOCUMENT_CASES = [  # (L, B, document starts per sample): cuts inside blocks, documents shorter than a block
+    (8, 4, [(5,), (), (1, 2, 7)]), (12, 4, [(4, 8), (3,), (11,)]), (10, 3, [(1,), (2, 3, 4, 5), (6,)]),
+    (17, 8, [(3, 9, 10), (16,)]), (5, 16, [(2,)]), (9, 1, [(4, 5), (8,)]),
+]
+
+
+def brute_force_documents(L, B, starts):
+    """Per sample: the keep-mask and the positions of the doubled sequence, from the rule in words."""
+    S = 2 * L
+    keeps, positions = [], []
+    for cuts in starts:
+        bounds = [0, *cuts]
+        doc = [max(i for i, b in enumerate(bounds) if b <= p) for p in range(L)]
+        first = [bounds[d] for d in doc]
+        index = list(range(L)) + list(range(L))
+        kind = ["clean"] * L + ["mask"] * L
+        keep = torch.zeros(S, S, dtype=torch.bool)
+        for q, k in itertools.product(range(S), range(S)):
+            same_doc = doc[index[q]] == doc[index[k]]
+            if kind[q] == "clean":
+                keep[q, k] = kind[k] == "clean" and index[k] <= index[q] and same_doc
+            else:
+                start = index[q] // B * B
+                own_block = kind[k] == "mask" and index[k] // B == index[q] // B
+                keep[q, k] = same_doc and ((kind[k] == "clean" and index[k] < start) or own_block)
+        keeps.append(keep)
+        positions.append(torch.tensor([index[r] - first[index[r]] for r in range(S)]))
+    return torch.stack(keeps), torch.stack(positions)
+
+
+@pytest.mark.parametrize("L,B,starts", DOCUMENT_CASES)
+def test_document_masks_and_positions_match_brute_force(L, B, starts):
+    layout = TiDARLayout.for_training(L, B).with_documents(starts)
+    keep, positions = brute_force_documents(L, B, starts)
+    assert torch.equal(layout.dense_mask(), keep)
+    assert torch.equal(layout.megatron_mask()[:, 0], ~keep)
+    assert torch.equal(layout.position_ids, positions)
+    q, k = torch.meshgrid(torch.arange(2 * L), torch.arange(2 * L), indexing="ij")
+    for b in range(len(starts)):
+        assert torch.equal(layout.mask_mod()(b, 0, q, k), keep[b])
+    for tile_q, tile_k in ((1, 1), (4, 4), (3, 5), (8, 16)):
+        got = layout.tile_classes(tile_q, tile_k)
+        for i, j in itertools.product(range(got.shape[0]), range(got.shape[1])):
+            tile = keep[:, i * tile_q:(i + 1) * tile_q, j * tile_k:(j + 1) * tile_k]
+            expect = TILE_FULL if tile.all() else TILE_SKIP if not tile.any() else TILE_PARTIAL
+            assert got[i, j] == expect, (tile_q, tile_k, i, j)
+    assert TiDARLayout.from_tensor(layout.to_tensor()) == layout
+    # Positions only (reset_position_ids without reset_attention_mask): the shared mask, reset positions.
+    positions_only = TiDARLayout.for_training(L, B).with_documents(starts, attention=False)
+    assert torch.equal(positions_only.dense_mask(), TiDARLayout.for_training(L, B).dense_mask().expand_as(keep))
+    assert torch.equal(positions_only.position_ids, positions)
+
+
+def test_documents_come_from_end_of_document_tokens():
+    from tidar_megatron.data.batch import PackedDocuments, from_token_windows
+
+    EOD = 2
+    windows = torch.tensor([[5, 6, EOD, 7, 8, EOD, 9, 4, 3], [5, 6, 7, 8, 9, 4, 3, 1, EOD]])
+    batch = from_token_windows(TiDARLayout.for_training(8, 4), windows, 99, PackedDocuments(EOD))
+    assert batch["layout"].documents == ((3, 6), ())  # the last token's EOD starts nothing in this window
+    assert torch.equal(batch["position_ids"], batch["layout"].position_ids)
+    assert batch["position_ids"][0, :8].tolist() == [0, 1, 2, 0, 1, 2, 0, 1]

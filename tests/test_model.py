@@ -155,7 +155,7 @@ class _SdpaCoreAttention(torch.nn.Module):
 
     def __init__(self, keep, scale):
         super().__init__()
-        self.keep, self.scale = keep, scale
+        self.keep, self.scale = (keep[:, None] if keep.dim() == 3 else keep), scale
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -172,7 +172,9 @@ def _layouts_suite(rank, world_size):
 
     distributed.initialize(_cfg())
     layouts = {"causal": TiDARLayout.causal(2 * L), "decoding": TiDARLayout.for_decoding(9, B),
-               "training": TiDARLayout.for_training(L, B)}
+               "training": TiDARLayout.for_training(L, B),
+               # packed documents: per-sample masks and positions (a cut inside a block, a 1-token document)
+               "documents": TiDARLayout.for_training(L, B).with_documents([(5, 6), (9,)])}
     models = {}
     for backend in ("local", "flex", "kernel"):
         models[backend] = build_model(_cfg("--model.attention_backend", backend), on_gpu=False)[0]
@@ -215,10 +217,56 @@ def test_every_backend_applies_the_layout_it_is_given():
     results = run_on_ranks(1, _layouts_suite)[0]
     for (name, backend), (got, expected, grad, expected_grad, applied, keep) in results.items():
         where = f"{backend} backend, {name} layout"
-        if backend == "local":
-            assert torch.equal(applied, ~keep[None, None]), where  # Megatron polarity: True = masked
+        if backend == "local":  # Megatron polarity: True = masked
+            assert torch.equal(applied, ~(keep[:, None] if keep.dim() == 3 else keep[None, None])), where
         else:
             assert torch.equal(applied, keep), where
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=where)
         if grad is not None:  # relative to the largest entry: the sum's gradient reaches ~1e2
             assert (grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max(), where
+
+
+def _documents_suite(rank, world_size):
+    """Packed documents on the local backend: no token of one document changes a logit of another, and the
+    per-token losses of two packed documents equal those of each document in its own window."""
+    from tidar_megatron.layout import TiDARLayout
+    from tidar_megatron.model import build_model
+    from tidar_megatron.training import distributed
+
+    cfg = _cfg()
+    distributed.initialize(cfg)
+    model = build_model(cfg, on_gpu=False)[0].eval()
+    cut = 5  # document A = clean indices [0, 5) (cut inside block [4, 8)), B = [5, 12)
+    packed = TiDARLayout.for_training(L, B).with_documents([(cut,)])
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, VOCAB, (1, L), generator=g)
+    doc_of_row = (packed.source_index >= cut).long()  # 0: A, 1: B, for every row of the doubled sequence
+    with torch.no_grad():
+        ids = packed.training_inputs(tokens, cfg.tidar.mask_token_id)
+        base = model(ids, packed.position_ids, layout=packed)
+        leaks = []
+        for t in range(L):
+            changed = ids.clone()
+            changed[0, t] = (changed[0, t] + 1) % VOCAB
+            new = model(changed, packed.position_ids, layout=packed)
+            other = doc_of_row != int(t >= cut)
+            leaks += [(t, r) for r in other.nonzero().flatten().tolist() if not torch.equal(new[0, r], base[0, r])]
+        # Each document alone, in a window whose blocks are the packed blocks' parts inside it.
+        alone = {"A": TiDARLayout(cut, B, (0, 4), (4, cut)), "B": TiDARLayout(L - cut, B, (0, 3), (3, L - cut))}
+        logits = {"A": model(alone["A"].training_inputs(tokens[:, :cut], cfg.tidar.mask_token_id),
+                             alone["A"].position_ids, layout=alone["A"]),
+                  "B": model(alone["B"].training_inputs(tokens[:, cut:], cfg.tidar.mask_token_id),
+                             alone["B"].position_ids, layout=alone["B"])}
+    return {"leaks": leaks, "packed": base, "alone": logits}
+
+
+@pytest.mark.slow
+def test_packed_documents_are_independent():
+    out = run_on_ranks(1, _documents_suite)[0]
+    assert out["leaks"] == []
+    packed, alone, cut = out["packed"][0], out["alone"], 5
+    # Rows in order: clean A, clean B, then the mask rows, which follow the clean indices they draft.
+    torch.testing.assert_close(packed[:cut], alone["A"][0, :cut], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[cut:L], alone["B"][0, :L - cut], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[L:L + cut], alone["A"][0, cut:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[L + cut:], alone["B"][0, L - cut:], rtol=1e-5, atol=1e-5)

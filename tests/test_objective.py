@@ -27,9 +27,9 @@ def _loss_and_weights(rank, world_size, out_dir):
 
     from tidar_megatron.convert.mapping import hf_config, megatron_to_hf
     from tidar_megatron.data.batch import from_token_windows
+    from tidar_megatron.layout import TiDARLayout
     from tidar_megatron.training import distributed
     from tidar_megatron.training.trainer import build_trainer
-    from tidar_megatron.layout import TiDARLayout
 
     cfg = load_config("tiny", _args())
     assert cfg.layout == TiDARLayout.causal(L)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torch.utils.data import DataLoader, default_collate
 
-from tidar_megatron.data.batch import from_gpt_batch
+from tidar_megatron.data.batch import PackedDocuments, from_gpt_batch
 from tidar_megatron.layout import TiDARLayout
 
 
@@ -73,8 +73,10 @@ def check_splits_have_tokens(blend, split: str, num_samples):
     """Megatron loops forever building a split that has samples to give but no tokens; say so instead
     (a ConfigError, so a run can check it before any process group).  Document ranges are computed as
     Megatron's builder computes them."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
-                                                                        parse_and_normalize_split)
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from tidar_megatron.config import ConfigError
@@ -129,9 +131,12 @@ class ResumableTiDARBatches:
     """
 
     def __init__(self, dataset, micro_batch_size: int, layout: TiDARLayout, mask_token_id: int,
-                 consumed_samples: int = 0, dp_rank: int = 0, dp_size: int = 1):
-        """`layout`: of one sample (the run's `Config.layout`); its clean_len is the dataset's sequence length."""
+                 consumed_samples: int = 0, dp_rank: int = 0, dp_size: int = 1,
+                 documents: PackedDocuments | None = None):
+        """`layout`: of one sample (the run's `Config.layout`); its clean_len is the dataset's sequence length.
+        `documents`: keep the packed documents apart (then every batch carries its own layout)."""
         self.dataset, self.mb, self.layout, self.mask_token_id = dataset, micro_batch_size, layout, mask_token_id
+        self.documents = documents
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = consumed_samples
         self._clean = None
@@ -157,7 +162,7 @@ class ResumableTiDARBatches:
             self._clean = self._clean_batches()
         batch = next(self._clean)
         self.consumed_samples += self.mb * self.dp_size
-        return from_gpt_batch(self.layout, batch, self.mask_token_id)
+        return from_gpt_batch(self.layout, batch, self.mask_token_id, self.documents)
 
 
 class TiDARBatches(ResumableTiDARBatches):

@@ -96,7 +96,7 @@ def score(model: Transformer, documents: list[np.ndarray], seq_length: int, bloc
             if draft is not None:
                 inputs = draft.training_inputs(tokens, mask_token_id)
                 logits = _forward(model, draft, inputs)[:, length:]
-                targets = tokens[:, draft.position_ids[length:].to(device)]
+                targets = tokens[:, draft.source_index[length:].to(device)]
                 diff_nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
                 diff_count += targets.numel()
                 correct = (logits.argmax(-1) == targets).double().sum(0).cpu()

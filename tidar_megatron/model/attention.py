@@ -95,7 +95,7 @@ def _compiled_flex_attention():
 def _block_mask(layout: TiDARLayout, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return create_block_mask(layout.mask_mod(device), None, None, layout.seq_len, layout.seq_len,
+    return create_block_mask(layout.mask_mod(device), layout.batch_size, None, layout.seq_len, layout.seq_len,
                              device=device)
 
 
@@ -193,8 +193,7 @@ def assert_te_fused_backend():
 
 @functools.lru_cache(maxsize=4)
 def te_attention_bias(layout: TiDARLayout, dtype: torch.dtype, device) -> torch.Tensor:
-    """[1, 1, S, S] post-scale bias: 0 where allowed, a large negative number elsewhere (TE's own recipe in
-    docs/examples/attention/arbitrary_mask_to_post_scale_bias.py).  Cached: the same for every step."""
+    """[1 or batch, 1, S, S] post-scale bias: 0 where allowed, a large negative number elsewhere (TE's own
+    recipe in docs/examples/attention/arbitrary_mask_to_post_scale_bias.py).  Cached per layout."""
     neg = -(2.0 ** 50) if dtype == torch.bfloat16 else -(2.0 ** 15)
-    keep = layout.dense_mask(device)[None, None]
-    return torch.where(keep, 0.0, neg).to(dtype)
+    return torch.where(~layout.megatron_mask(device), 0.0, neg).to(dtype)

@@ -98,12 +98,13 @@ class TiDARModel(GPTModel):
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
         out = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))
         if out[1] is not None:  # rotary_pos_emb [S, 1, 1, d] for positions 0..S-1 -> gather ours
-            if position_ids.dim() == 2:
-                if not torch.equal(position_ids, position_ids[:1].expand_as(position_ids)):
-                    raise ValueError("TiDARModel expects the same position ids for every sample of a batch")
+            if position_ids.dim() == 2 and torch.equal(position_ids, position_ids[:1].expand_as(position_ids)):
                 position_ids = position_ids[0]
             table = self.rotary_pos_emb(int(position_ids.max()) + 1)
-            out[1] = table[position_ids.to(table.device)]
+            if position_ids.dim() == 1:
+                out[1] = table[position_ids.to(table.device)]
+            else:  # per-sample positions (packed documents): [b, S] -> [S, b, 1, d], broadcast over heads
+                out[1] = table[position_ids.to(table.device)][:, :, 0].transpose(0, 1)
         return tuple(out)
 
     # --- attention mask for the chosen backend -------------------------------------------------

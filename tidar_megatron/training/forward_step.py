@@ -18,7 +18,8 @@ from tidar_megatron.training.loss import TokenCounts, tidar_loss
 
 def make_forward_step(layout: TiDARLayout, alpha: float, counts: TokenCounts, num_microbatches: int,
                       dp_size: int, score: bool = False):
-    """`layout`: of every sample of the batches (the run's `Config.layout`), handed to the model."""
+    """`layout`: of every sample of the batches (the run's `Config.layout`), handed to the model, unless a
+    batch brings its own (packed documents)."""
 
     def loss_func(batch, output_tensor):
         per_token = output_tensor[..., 0] if score else output_tensor
@@ -26,14 +27,15 @@ def make_forward_step(layout: TiDARLayout, alpha: float, counts: TokenCounts, nu
         if score:
             from tidar_megatron.training.validation import draft_quality
 
-            stats.update(draft_quality(layout, output_tensor[..., 1].long(), batch["targets"], batch["ar_mask"],
-                                       batch["diff_mask"]))
+            stats.update(draft_quality(batch.get("layout", layout), output_tensor[..., 1].long(), batch["targets"],
+                                       batch["ar_mask"], batch["diff_mask"]))
         return share * (num_microbatches * dp_size), stats
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["input_ids"], batch["position_ids"], labels=batch["targets"], layout=layout,
-                       score=score)
+        # A batch of packed documents carries its own per-sample layout.
+        output = model(batch["input_ids"], batch["position_ids"], labels=batch["targets"],
+                       layout=batch.get("layout", layout), score=score)
         return output, partial(loss_func, batch)
 
     return forward_step

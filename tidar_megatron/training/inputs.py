@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tidar_megatron.config import Config
+from tidar_megatron.data.batch import PackedDocuments
 from tidar_megatron.data.tokenizer import Tokenizer
 
 
@@ -28,8 +29,12 @@ def build_data(cfg: Config, tokenizer: Tokenizer, consumed_samples: int):
     train_ds, valid_ds, _ = build_gpt_datasets(
         d.blend, d.split, t.seq_length, t.seed, tokenizer, split_sizes(cfg), cache_dir=d.cache_dir or str(Path(cfg.checkpoint.dir) / "data_cache"), eod_mask_loss=d.eod_mask_loss)
 
+    documents = None
+    if d.reset_attention_mask or d.reset_position_ids:
+        documents = PackedDocuments(tokenizer.eod, attention=d.reset_attention_mask, positions=d.reset_position_ids)
+
     def batches(ds, consumed):
-        common = dict(consumed_samples=consumed, dp_rank=dp_rank, dp_size=dp)
+        common = dict(consumed_samples=consumed, dp_rank=dp_rank, dp_size=dp, documents=documents)
         args = (ds, t.micro_batch_size, cfg.layout, cfg.tidar.mask_token_id)
         if d.loader == "dali":
             from tidar_megatron.data.dali_loader import DaliTiDARBatches  # a clear error when DALI is absent

@@ -35,7 +35,7 @@ def draft_quality(layout: TiDARLayout, argmax: torch.Tensor, targets: torch.Tens
         return stats
     B = layout.block_size
     offsets = layout.draft_offsets.to(argmax.device)[clean:]             # [S - clean], r of each mask row
-    positions = layout.position_ids.to(argmax.device)[clean:]
+    positions = layout.source_index.to(argmax.device)[clean:]              # the clean index each drafts
     diff_hits, diff_w = hits[:, clean:], diff_mask[:, clean:].float()
     # The AR head's prediction of position p sits on clean row p - 1; position 0 has none.
     ar_row = (positions - 1).clamp(min=0)
