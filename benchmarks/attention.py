@@ -31,8 +31,8 @@ SMOKE_SHAPE = (4, 2, 16)  # the --smoke run: tiny, for the CPU interpreter
 
 
 def visible_pairs(layout: TiDARLayout, q_offset: int) -> int:
-    clean_end, block_lo, block_hi = (r[q_offset:] for r in layout.row_ranges)
-    return int((clean_end + block_hi - block_lo).sum())
+    clean_lo, clean_end, block_lo, block_hi = (r[..., q_offset:] for r in layout.row_ranges)
+    return int((clean_end - clean_lo + block_hi - block_lo).sum())
 
 
 def make_backends(layout, q_offset, q_heads, kv_heads, head_dim, names, device):
@@ -105,6 +105,7 @@ def benchmark(args):
               f"{'fwd+bwd ms':>10} {'TFLOP/s':>7} {'x Flex':>6} | notes")
     print(header)
     print("-" * len(header))
+    records = []
     for shape in args.shapes:
         q_heads, kv_heads, head_dim = SMOKE_SHAPE if args.smoke else HEAD_SHAPES[shape]
         for length in args.clean_lens:
@@ -119,6 +120,17 @@ def benchmark(args):
                 print(f"{shape:>5} {length:>5} {name:>7} | {forward_ms:8.3f} "
                       f"{forward_flop / forward_ms / 1e9:7.1f} {flex_forward / forward_ms:6.2f} | "
                       f"{both_ms:10.3f} {3.5 * forward_flop / both_ms / 1e9:7.1f} {flex_both / both_ms:6.2f} | {note}")
+                records.append({"shape": shape, "clean_len": length, "backend": name, "forward_ms": forward_ms,
+                                "forward_tflops": forward_flop / forward_ms / 1e9, "fwd_bwd_ms": both_ms,
+                                "fwd_bwd_tflops": 3.5 * forward_flop / both_ms / 1e9,
+                                "forward_vs_flex": flex_forward / forward_ms, "fwd_bwd_vs_flex": flex_both / both_ms,
+                                "note": note})
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name, "dtype": args.dtype, "block_size": args.block_size,
+                       "decoding": args.decoding, "rows": records}, f, indent=2, default=str)
 
 
 def run_case(layout, q_offset, q_heads, kv_heads, head_dim, args, dtype) -> dict:
@@ -173,6 +185,7 @@ def main():
                         help="time one decoding step (forward only); --clean-lens are then cached prefix lengths")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--smoke", action="store_true",
                         help="without a GPU: the same table for a tiny shape (L=24, block 4, 4 q / 2 kv heads, d=16, "
                              "fp32) in the Triton interpreter, with the kernel checked against SDPA")

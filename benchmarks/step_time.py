@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from tidar_megatron.training.trainer import build_trainer
 
     base = ["--parallel.use_distributed_optimizer", "false", *overrides]
-    if not any(o.startswith("--model.vocab_size") for o in overrides):
+    if load_config(args.config, base).model.vocab_size is None:  # no tokenizer here: random token ids
         base += ["--model.vocab_size", "256"]
     cfg = load_config(args.config, base)
     device = distributed.initialize(cfg)

@@ -44,7 +44,8 @@ def _sdpa_core(rank, world_size):
     from tidar_megatron.model import build_model
     from tidar_megatron.training import distributed
 
-    cfg = load_config("tiny", ["--train.seq_length", str(L), "--tidar.draft_block_size", str(B), "--train.bf16", "true"])
+    cfg = load_config("tiny", ["--train.seq_length", str(L), "--tidar.draft_block_size", str(B), "--train.bf16", "true",
+                               "--model.vocab_size", str(VOCAB)])
     distributed.initialize(cfg)
     core = build_model(cfg, on_gpu=True)[0].cuda().decoder.layers[0].self_attention.core_attention
     layout = TiDARLayout.for_training(L, B)
