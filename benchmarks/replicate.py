@@ -80,12 +80,13 @@ def draw(curves: dict, path: Path):
 
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    for name, points in curves.items():
-        left.plot([p["step"] for p in points], [p["loss_ar"] for p in points], marker="o", ms=3, label=name)
+    for i, (name, points) in enumerate(curves.items()):  # one colour per run in both panels
+        left.plot([p["step"] for p in points], [p["loss_ar"] for p in points], marker="o", ms=3, label=name,
+                  color=f"C{i}")
         est = [p for p in points if "est_tokens_per_pass" in p]
         if est:
             right.plot([p["step"] for p in est], [p["est_tokens_per_pass"] for p in est], marker="o", ms=3,
-                       label=name)
+                       label=name, color=f"C{i}")
     left.set(xlabel="step (ar+tidar: steps of the whole run)", ylabel="validation AR loss (nats)")
     right.set(xlabel="step", ylabel="estimated greedy tokens per pass")
     for ax in (left, right):

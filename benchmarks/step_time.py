@@ -7,8 +7,8 @@
 The TiDAR step sees the doubled sequence (2L tokens, the layout's mask, both losses); the AR step is
 `tidar.objective: ar`, the same model (same initial weights) on the L clean tokens with the causal layout and
 the AR loss.  The FLOP floor of the ratio is about 2.0x (twice the tokens; attention more).  Prints ms/step
-for both, the ratio, clean tokens/s, the activations autograd keeps for backward (counted with saved-tensor
-hooks, so on any device; recompute shrinks them), and on a GPU MFU and peak memory.  `--json FILE` writes
+for both, the ratio, clean tokens/s, the activations one micro-batch's forward keeps for backward (counted
+with saved-tensor hooks, so on any device; recompute shrinks them), and on a GPU MFU and peak memory.  `--json FILE` writes
 the figures.
 """
 
@@ -22,21 +22,20 @@ import time
 import torch
 
 
-def saved_activation_bytes(trainer, batches) -> int:
-    """Bytes of the distinct tensors autograd saves during one forward + backward of `batches`."""
-    seen, total = set(), [0]
+def saved_activation_bytes(trainer, batch, layout) -> int:
+    """Bytes of the distinct storages autograd keeps from one training-mode forward of a micro-batch: the
+    activations held for its backward, which recompute trades for compute."""
+    storages = {}
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        if key not in seen:
-            seen.add(key)
-            total[0] += storage.nbytes()
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
+    model = trainer.model[0].module
+    model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        trainer.train_step(batches)
-    return total[0]
+        model(batch["input_ids"], batch["position_ids"], labels=batch["targets"], layout=layout)
+    return sum(storages.values())
 
 
 def main(argv=None) -> int:
@@ -49,12 +48,14 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the figures to this file")
     args, overrides = parser.parse_known_args(argv)
 
+    from tidar_megatron import console
     from tidar_megatron.config import load_config
     from tidar_megatron.data.batch import from_token_windows
     from tidar_megatron.training import distributed
     from tidar_megatron.training.metrics import model_flops_per_step
     from tidar_megatron.training.trainer import build_trainer
 
+    console.setup()
     base = ["--parallel.use_distributed_optimizer", "false", *overrides]
     if load_config(args.config, base).model.vocab_size is None:  # no tokenizer here: random token ids
         base += ["--model.vocab_size", "256"]
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
             seconds = min(times[name])
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
-            saved = saved_activation_bytes(trainer, make())
+            saved = saved_activation_bytes(trainer, make()[0], run_cfg.layout)
             row = {"ms_per_step": seconds * 1e3, "clean_tokens_per_s": t.global_batch_size * L / seconds,
                    "saved_activations_mib": saved / 2**20}
             line = (f"{recompute:<11}{name:<7}{row['ms_per_step']:>9.1f}{row['clean_tokens_per_s']:>13.0f}"

@@ -23,6 +23,7 @@ COMMANDS = {
     "evaluate": ("tidar_megatron.evaluation.evaluate", "perplexity, tokens per pass, TiDAR vs AR speed and outputs"),
     "lm-eval": ("tidar_megatron.evaluation.lm_eval_model", "lm-evaluation-harness with the `tidar` model type "
                 "(lm_eval's arguments)"),
+    "serve": ("tidar_megatron.serving.server", "an OpenAI-compatible TiDAR server (continuous batching)"),
     "layout": ("tidar_megatron.plots", "draw the doubled sequence and its attention mask to a PNG"),
 }
 

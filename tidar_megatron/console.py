@@ -26,6 +26,8 @@ NOISY_WARNINGS = [
     ("UserWarning", r"absl\.logging is not installed"),
     ("UserWarning", r"MimoModelConfig is experimental"),
     ("UserWarning", r"full scope is deprecated"),
+    # megatron-core's advice to TE users whenever the attention core is recomputed, whatever the backend
+    ("UserWarning", r"If you are using transformer_engine as the transformer implementation, the core_attn"),
     # FlexAttention on the CPU runs uncompiled on purpose (compiled on a GPU, model/attention.py)
     ("UserWarning", r"flex_attention called without torch\.compile\(\)"),
     ("UserWarning", r"Could not determine rank from torch\.distributed"),

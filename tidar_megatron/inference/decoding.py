@@ -77,18 +77,18 @@ def _check_kernel_usable(model: Transformer, compile: bool):
         raise DecodingError(f"attention='kernel': {problem}; use attention='sdpa'")
 
 
-def _check_beta(beta: float) -> float:
+def check_beta(beta: float) -> float:
     if not 0.0 <= beta <= 1.0:
         raise DecodingError(f"beta must be in [0, 1] (1 = trust AR, 0 = trust the diffusion drafts), got {beta}")
     return beta
 
 
-def _mixed(ar_logits: torch.Tensor, diffusion_logits: torch.Tensor, beta: float) -> torch.Tensor:
+def mixed_logits(ar_logits: torch.Tensor, diffusion_logits: torch.Tensor, beta: float) -> torch.Tensor:
     """The logits drafts are verified against: beta * AR + (1 - beta) * diffusion."""
     return ar_logits if beta == 1.0 else beta * ar_logits.float() + (1.0 - beta) * diffusion_logits.float()
 
 
-def _block_rows(layouts: list[TiDARLayout], j: int, device) -> torch.Tensor:
+def block_rows_index(layouts: list[TiDARLayout], j: int, device) -> torch.Tensor:
     """[len(layouts), B] the rows of draft block j of each layout."""
     return torch.tensor([list(layout.block_rows(j)) for layout in layouts], device=device)
 
@@ -166,7 +166,7 @@ class Decoder:
                  eos_token_ids=(), compile: bool = False, attention: str = "sdpa", beta: float = 1.0):
         if attention not in ATTENTION:
             raise DecodingError(f"attention must be one of {ATTENTION}, got {attention!r}")
-        _check_beta(beta)
+        check_beta(beta)
         self.beta = beta
         if attention == "kernel":
             _check_kernel_usable(model, compile)
@@ -206,7 +206,7 @@ class Decoder:
         """
         prompts = [list(prompts)] if isinstance(prompts[0], int) else [list(p) for p in prompts]
         block_size = block_size or self.block_size
-        beta = self.beta if beta is None else _check_beta(beta)
+        beta = self.beta if beta is None else check_beta(beta)
         self._check(prompts, max_new_tokens, mode, block_size)
         block = block_size if mode == "tidar" else 1
         longest = max(map(len, prompts))
@@ -277,9 +277,9 @@ class Decoder:
         rows = torch.arange(len(prompts), device=self.device)
         prefill = [TiDARLayout.for_prefill(len(p), block) for p in prompts]
         logits = self._prefill(prompts, [mask_id] * block, prefill)
-        first_block = logits[rows[:, None], _block_rows(prefill, 0, self.device)]  # [b, B, V]
+        first_block = logits[rows[:, None], block_rows_index(prefill, 0, self.device)]  # [b, B, V]
         # The first token: the prompt's last AR row, and the block's slot 0, which drafts the same position.
-        token, _ = select(_mixed(logits[rows, lengths - 1], first_block[:, 0], beta), sampling, generator)
+        token, _ = select(mixed_logits(logits[rows, lengths - 1], first_block[:, 0], beta), sampling, generator)
         drafts, draft_probs = select(first_block[:, 1:], sampling, generator)
         prefix, pending = lengths, torch.cat([token[:, None], drafts], dim=1)   # prefix m, pending [b, B]
         stats.sequence_passes += len(prompts)
@@ -288,14 +288,14 @@ class Decoder:
         # A pass's rows relative to its first (the prefix only shifts them): the pending block, then block
         # a - 1 for acceptance length a = 1..B, which starts right after the a kept tokens.
         step_layout = TiDARLayout.for_decoding(0, block)
-        groups = torch.stack([_block_rows([step_layout], j, self.device)[0] for j in range(block)])  # [B, B]
+        groups = torch.stack([block_rows_index([step_layout], j, self.device)[0] for j in range(block)])  # [B, B]
         masks = torch.full((len(prompts), step_layout.seq_len - step_layout.clean_len), mask_id, device=self.device)
         while active.any():
             started = time.perf_counter()
             layouts = [TiDARLayout.for_decoding(m, block) for m in prefix.tolist()]
             logits = self._forward(torch.cat([pending, masks], dim=1), layouts, prefix.tolist(), step=True)
             # Row i of the pending block predicts position m + i + 1, as does slot 0 of group i + 1.
-            target_logits = _mixed(logits[:, :block], logits[:, groups[:, 0]], beta)
+            target_logits = mixed_logits(logits[:, :block], logits[:, groups[:, 0]], beta)
             accepted, token = verify_drafts(target_logits, pending[:, 1:], draft_probs, sampling, generator)
             chosen_block = logits[rows[:, None], groups[accepted - 1]]        # its slot 0 drafts `token`
             drafts, new_draft_probs = select(chosen_block[:, 1:], sampling, generator)

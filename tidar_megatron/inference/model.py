@@ -76,9 +76,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def write(self, slots, k, v):
-        """slots [b, s] cache slot of each new token; k, v [b, s, kv_heads, head_dim]."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    def write(self, slots, k, v, rows=None):
+        """slots [b, s] cache slot of each new token; k, v [b, s, kv_heads, head_dim]; rows [b]: the cache rows
+        they belong to (default 0..b-1)."""
+        rows = (torch.arange(k.shape[0], device=k.device) if rows is None else rows)[:, None]
         self.k[rows, slots] = k
         self.v[rows, slots] = v
 
@@ -97,7 +98,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, cache_slots=None, num_keys=None, layout=None):
+    def forward(self, x, cos, sin, mask, cache_slots=None, num_keys=None, layout=None, cache_rows=None):
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
@@ -107,8 +108,11 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache_slots is not None:
-            self.kv_cache.write(cache_slots, k, v)
-            k, v = self.kv_cache.k[:, :num_keys], self.kv_cache.v[:, :num_keys]
+            self.kv_cache.write(cache_slots, k, v, cache_rows)
+            if cache_rows is None:
+                k, v = self.kv_cache.k[:, :num_keys], self.kv_cache.v[:, :num_keys]
+            else:
+                k, v = self.kv_cache.k[cache_rows, :num_keys], self.kv_cache.v[cache_rows, :num_keys]
         if layout is not None:  # the Triton kernel: tiles from the layout's rule, no dense mask
             from tidar_kernels.tidar_attention import tidar_attention
             out = tidar_attention(q, k, v, layout, q_offset=layout.seq_len - s)
@@ -137,8 +141,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, mask, cache_slots, num_keys, layout=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_slots, num_keys, layout)
+    def forward(self, x, cos, sin, mask, cache_slots, num_keys, layout=None, cache_rows=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_slots, num_keys, layout, cache_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -178,12 +182,13 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
-    def forward(self, tokens, positions, mask, cache_slots=None, num_keys=None, layout=None):
+    def forward(self, tokens, positions, mask, cache_slots=None, num_keys=None, layout=None, cache_rows=None):
         """tokens, positions [b, s]; mask [b or 1, s, keys] bool, True = may attend.
 
         Without `cache_slots` the keys are the s tokens themselves (training, parity checks).  With them, the
         new keys and values are written to the cache (`setup_kv_cache`) at `cache_slots` [b, s] and the
-        queries attend to cache slots [0, num_keys).  Returns logits [b, s, V].
+        queries attend to cache slots [0, num_keys).  `cache_rows` [b]: the cache rows of the batch's
+        sequences (default 0..b-1; a server's sequences come and go).  Returns logits [b, s, V].
 
         `layout`: a TiDARLayout shared by the whole batch whose rows are the keys (num_keys == seq_len) and
         whose last s rows are the queries.  Attention then runs in the TiDAR Triton kernel and `mask` is
@@ -194,5 +199,5 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache_slots, num_keys, layout)
+            x = layer(x, cos, sin, mask, cache_slots, num_keys, layout, cache_rows)
         return self.lm_head(self.model.norm(x))

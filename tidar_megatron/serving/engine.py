@@ -1,0 +1,255 @@
+"""Continuous batching of TiDAR (or AR) decoding: sequences join and leave between forward passes.
+
+The KV cache holds `max_batch` rows of `max_model_len` tokens (plus one decoding pass of scratch).  A
+request waits until a row is free, is prefilled into it alone (the prompt, and for TiDAR one mask block:
+`TiDARLayout.for_prefill`), and from then on takes part in every decoding pass with the other active
+sequences: one forward over their rows, each with its own layout (`TiDARLayout.for_decoding` at its own
+prefix length) and mask.  A sequence that finishes, or whose client goes away, frees its row before the
+next pass.  Everything a sequence's tokens depend on is its own: its cache row, its prefix, its pending
+block, its sampler (seeded per request, drawn from in the order `Decoder` draws at batch 1), so its output
+is what it would be decoded alone (under greedy decoding, token for token).
+
+The engine runs in one background thread (`start`); `submit` and `cancel` may be called from any thread,
+and a request's `on_event` is called from the engine thread after every pass that makes tokens final.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tidar_megatron.inference.decoding import Decoder, block_rows_index, mixed_logits, pass_inputs
+from tidar_megatron.inference.sampling import SamplingConfig, select, verify_drafts
+from tidar_megatron.layout import TiDARLayout
+
+
+@dataclass
+class Event:
+    """What one pass made final for a request."""
+    tokens: list[int]            # the new final tokens
+    text: str                    # the text they add (stop strings cut off)
+    finish_reason: str | None    # None while generating, then "stop" (EOS or a stop string) or "length"
+    usage: dict
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    on_event: Callable[[Event], None] = print
+    id: int = field(default_factory=itertools.count().__next__)
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    row: int
+    prefix: int                               # cache slots [0, prefix) hold the verified tokens
+    pending: list[int]                        # TiDAR: the pending block; AR: the last token
+    draft_probs: torch.Tensor | None          # TiDAR sampling: the drafts' distributions [B - 1, V]
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    passes: int = 1                           # the prefill counts
+    first_token_at: float | None = None
+
+
+class Engine:
+    def __init__(self, decoder: Decoder, tokenizer, mode: str = "tidar", block_size: int | None = None,
+                 beta: float | None = None, max_batch: int = 8, max_model_len: int = 2048, metrics=None):
+        self.decoder, self.model, self.tokenizer = decoder, decoder.model, tokenizer
+        self.mode, self.beta = mode, decoder.beta if beta is None else beta
+        self.block = (block_size or decoder.block_size) if mode == "tidar" else 1
+        self.max_batch, self.max_model_len = max_batch, max_model_len
+        self.device = decoder.device
+        self.eos = set(decoder.eos_token_ids)
+        self.metrics = metrics
+        step_layout = TiDARLayout.for_decoding(0, self.block) if mode == "tidar" else TiDARLayout.causal(1)
+        self.pass_width = step_layout.seq_len - step_layout.clean_len if mode == "tidar" else 1
+        self.model.setup_kv_cache(max_batch, max_model_len + step_layout.seq_len + self.block)
+        if mode == "tidar":
+            self.groups = torch.stack([block_rows_index([step_layout], j, self.device)[0]
+                                       for j in range(self.block)])      # [B, B] rows of group j + 1
+            self.masks = [decoder.mask_token_id] * (step_layout.seq_len - step_layout.clean_len)
+        self.free_rows = list(range(max_batch))
+        self.waiting: deque[Request] = deque()
+        self.active: dict[int, _Sequence] = {}
+        self.cancelled: set[int] = set()
+        self.wake = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.running = False
+
+    # --- from any thread ------------------------------------------------------------------------------
+    def submit(self, request: Request) -> int:
+        with self.wake:
+            self.waiting.append(request)
+            self.wake.notify()
+        return request.id
+
+    def cancel(self, request_id: int):
+        """Drop a request (its client went away); its row is freed before the next pass."""
+        with self.wake:
+            self.cancelled.add(request_id)
+            self.wake.notify()
+
+    @property
+    def occupancy(self) -> int:
+        return self.max_batch - len(self.free_rows)
+
+    def start(self):
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="tidar-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        with self.wake:
+            self.running = False
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    # --- the engine thread ------------------------------------------------------------------------------
+    def _loop(self):
+        with torch.inference_mode():
+            while True:
+                with self.wake:
+                    while self.running and not (self.waiting or self.active or self.cancelled):
+                        self.wake.wait()
+                    if not self.running:
+                        return
+                self.step()
+
+    def step(self):
+        """Drop cancelled requests, admit waiting ones into free rows, then one pass for every active one."""
+        with self.wake:
+            cancelled, self.cancelled = self.cancelled, set()
+            self.waiting = deque(r for r in self.waiting if r.id not in cancelled)
+            admitted = []
+            while self.waiting and self.free_rows:
+                admitted.append((self.waiting.popleft(), self.free_rows.pop(0)))
+        for seq in [s for s in self.active.values() if s.request.id in cancelled]:
+            self._finish(seq)
+        for request, row in admitted:
+            self._prefill(request, row)
+        if self.active:
+            self._decode(list(self.active.values()))
+        if self.metrics is not None:
+            self.metrics.observe_engine(self)
+
+    def _prefill(self, request: Request, row: int):
+        prompt, block = request.prompt_ids, self.block
+        layout = (TiDARLayout.for_prefill(len(prompt), block) if self.mode == "tidar"
+                  else TiDARLayout.causal(len(prompt)))
+        tokens = prompt + (self.masks[:block] if self.mode == "tidar" else [])
+        logits = self._forward([row], [tokens], [layout], [0])[0]
+        generator = None
+        if not request.sampling.greedy:  # each sequence has its own sampler: seeded, or from entropy
+            generator = torch.Generator(self.device)
+            generator.manual_seed(request.seed) if request.seed is not None else generator.seed()
+        sampling, n = request.sampling, len(prompt)
+        if self.mode == "tidar":
+            first_block = logits[n:n + block]  # its slot 0 drafts the token the prompt's last row predicts
+            token, _ = select(mixed_logits(logits[n - 1:n], first_block[None, :1][:, 0], self.beta), sampling,
+                              generator)
+            drafts, draft_probs = select(first_block[None, 1:], sampling, generator)
+            pending, probs = [int(token)] + drafts[0].tolist(), None if draft_probs is None else draft_probs[0]
+        else:
+            token, _ = select(logits[n - 1:n], sampling, generator)
+            pending, probs = [int(token)], None
+        seq = _Sequence(request, row, n, pending, probs, generator)
+        self.active[request.id] = seq
+        self._emit(seq, [int(token)])
+
+    def _decode(self, seqs: list[_Sequence]):
+        block = self.block
+        if self.mode == "tidar":
+            layouts = [TiDARLayout.for_decoding(s.prefix, block) for s in seqs]
+            tokens = [s.pending + self.masks for s in seqs]
+        else:
+            layouts = [TiDARLayout.causal(s.prefix + 1) for s in seqs]
+            tokens = [s.pending for s in seqs]
+        logits = self._forward([s.row for s in seqs], tokens, layouts, [s.prefix for s in seqs])
+        for seq, row_logits in zip(seqs, logits):
+            seq.passes += 1
+            sampling, generator = seq.request.sampling, seq.generator
+            if self.mode == "ar":
+                token, _ = select(row_logits[:1], sampling, generator)
+                seq.prefix += 1
+                seq.pending = [int(token)]
+                self._emit(seq, [int(token)])
+                continue
+            # As in Decoder: row i of the pending block and slot 0 of group i + 1 predict position m + i + 1.
+            target = mixed_logits(row_logits[None, :block], row_logits[None, self.groups[:, 0]], self.beta)
+            pending = torch.tensor([seq.pending[1:]], device=self.device)
+            probs = None if seq.draft_probs is None else seq.draft_probs[None]
+            accepted, token = verify_drafts(target, pending, probs, sampling, generator)
+            a, token = int(accepted), int(token)
+            drafts, draft_probs = select(row_logits[self.groups[a - 1]][None, 1:], sampling, generator)
+            new = seq.pending[1:a] + [token]
+            if self.metrics is not None:
+                self.metrics.accepted(a)
+            seq.prefix += a
+            seq.pending = [token] + drafts[0].tolist()
+            seq.draft_probs = None if draft_probs is None else draft_probs[0]
+            self._emit(seq, new)
+
+    def _forward(self, rows: list[int], tokens: list[list[int]], layouts: list[TiDARLayout], first: list[int]):
+        """One forward over the given cache rows: logits [n, width, V] of each sequence's rows."""
+        width = max(map(len, tokens))
+        num_keys = max(f + width for f in first)
+        positions, slots, mask = (t.to(self.device) for t in pass_inputs(layouts, first, width, num_keys))
+        ids = torch.tensor([t + [t[-1]] * (width - len(t)) for t in tokens], device=self.device)
+        cache_rows = torch.tensor(rows, device=self.device)
+        if self.metrics is not None:
+            self.metrics.forward_pass()
+        return self.model(ids, positions, mask, slots, num_keys, cache_rows=cache_rows)
+
+    # --- making tokens final ---------------------------------------------------------------------------
+    def _emit(self, seq: _Sequence, tokens: list[int]):
+        request = seq.request
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+            if self.metrics is not None:
+                self.metrics.first_token(seq.first_token_at - request.arrived)
+        finish = None
+        room = request.max_tokens - len(seq.generated)
+        if len(tokens) >= room:
+            tokens, finish = tokens[:room], "length"
+        for i, t in enumerate(tokens):
+            if t in self.eos:
+                tokens, finish = tokens[:i + 1], "stop"
+                break
+        seq.generated += tokens
+        text = self.tokenizer.decode(seq.generated) if self.tokenizer is not None else ""
+        for stop in request.stop:
+            cut = text.find(stop)
+            if stop and cut >= 0:
+                text, finish = text[:cut], "stop"
+        if finish is None and seq.prefix + self.pass_width + self.block > self.max_model_len:
+            finish = "length"
+        delta = text[len(seq.text):] if text.startswith(seq.text) else text
+        seq.text = text
+        usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": len(seq.generated),
+                 "total_tokens": len(request.prompt_ids) + len(seq.generated), "forward_passes": seq.passes,
+                 "tokens_per_pass": len(seq.generated) / seq.passes}
+        if finish is not None:
+            self._finish(seq)
+            if self.metrics is not None:
+                self.metrics.finished(request, usage, time.perf_counter() - request.arrived)
+        request.on_event(Event(tokens, delta, finish, usage))
+
+    def _finish(self, seq: _Sequence):
+        if self.active.pop(seq.request.id, None) is not None:
+            with self.wake:
+                self.free_rows.append(seq.row)
+                self.free_rows.sort()
