@@ -45,7 +45,7 @@ def test_line_cached_encoding_equals_sentencepiece(sp_model):
     """Our encode caches per line; it must give exactly SentencePiece's ids (Megatron's, too)."""
     tok = Tokenizer(sp_model)
     sp = spm.SentencePieceProcessor(model_file=sp_model)
-    assert tok._line_cache is not None
+    assert tok.encodes_by_line
     texts = [p.read_text(encoding="utf-8") for p in stdlib_sources("logging", "importlib")]
     for text in texts + texts[:3] + [t for t in AWKWARD if "\u2581" not in t]:  # repeats hit the cache
         assert tok.encode(text) == sp.encode(text)
@@ -82,7 +82,7 @@ def test_existing_sentencepiece_model_gets_mask_appended(tmp_path):
                                    model_prefix=str(tmp_path / "llama"), vocab_size=300, minloglevel=2)
     tok = Tokenizer(str(tmp_path / "llama.model"))
     assert (tok.eod_id, tok.mask_id, tok.vocab_size) == (2, 300, 301)
-    assert tok._line_cache is None  # NFKC + dummy prefix: lines are not independent, encode whole texts
+    assert not tok.encodes_by_line  # NFKC + dummy prefix: lines are not independent, encode whole texts
     assert tok.decode(tok.encode("hello world")) == "hello world"
     assert tok.decode(tok.encode("hello") + [tok.mask_id, tok.mask_id]) == f"hello{MASK_TOKEN}{MASK_TOKEN}"
 

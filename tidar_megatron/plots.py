@@ -9,8 +9,15 @@ from tidar_megatron.console import entry_point
 from tidar_megatron.layout import TiDARLayout
 
 
+class PlotsUnavailable(RuntimeError):
+    pass
+
+
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # a cluster image may lack it: plots are skipped, nothing else is
+        raise PlotsUnavailable("matplotlib is not installed; no plot drawn (pip install matplotlib)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

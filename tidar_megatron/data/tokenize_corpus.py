@@ -10,6 +10,7 @@ arguments, redoes only the unfinished shards and produces the same output as an 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tidar_megatron.atomic import write_atomic
+from tidar_megatron.atomic import atomic_path, write_atomic
 from tidar_megatron.console import entry_point
 from tidar_megatron.data.corpus import (
     Chunk,
@@ -47,6 +48,25 @@ _worker: dict = {}
 
 class FatalDocumentError(TiDARError):
     pass
+
+
+class _ShardFailed(Exception):
+    """A bad document under --on-error fail: the shard is abandoned, nothing of it is published."""
+
+
+@contextlib.contextmanager
+def _indexed_dataset(prefix: str, dtype):
+    """An IndexedDatasetBuilder whose <prefix>.bin and .idx appear only if the block succeeds: the old .idx
+    goes first and the new one comes last, so an .idx always means a complete pair."""
+    IndexedDatasetBuilder = _megatron_indexed().IndexedDatasetBuilder
+    with atomic_path(f"{prefix}.idx") as tmp_idx, atomic_path(f"{prefix}.bin") as tmp_bin:
+        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+        try:
+            yield builder
+            builder.finalize(str(tmp_idx))
+        finally:
+            builder.data_file.close()
+        Path(f"{prefix}.idx").unlink(missing_ok=True)
 
 
 def _megatron_indexed():
@@ -76,58 +96,58 @@ def _bump(counters, docs, tokens, text_bytes, disk_bytes):
 
 def _tokenize_chunk(job: tuple[int, Chunk, str]) -> dict:
     """Write one shard; return its summary (also stored as the shard's completion marker)."""
-    IndexedDatasetBuilder = _megatron_indexed().IndexedDatasetBuilder
     index, chunk, prefix = job
     tok, counters, dtype = _worker["tok"], _worker["counters"], _worker["dtype"]
     eod = tok.eod_id
     stats = {"index": index, "docs": 0, "tokens": 0, "text_bytes": 0, "lines": 0, "error_count": 0, "empty_files": 0,
              "errors": [], "relative_lines": len(chunk.paths) == 1 and is_jsonl(chunk.paths[0])}
-    tmp_bin, tmp_idx = f"{prefix}.bin.tmp", f"{prefix}.idx.tmp"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     # Progress is reported in batches (the counters take a lock).  Compressed input counts towards the
     # ETA (which is by on-disk bytes) only when its chunk is done.
     plain = not any(is_compressed(p) for p in chunk.paths)
     pending = [0, 0, 0, 0]  # docs, tokens, text bytes, disk bytes
     disk_reported = 0
     try:
-        for nbytes, doc in read_chunk(chunk, _worker["text_key"]):
-            stats["lines"] += 1
-            stats["text_bytes"] += nbytes
-            pending[2] += nbytes
-            pending[3] += nbytes if plain else 0
-            if doc is None:
-                stats["empty_files"] += 1
-                continue
-            if isinstance(doc, DocError):
-                if _worker["on_error"] == "fail":
-                    return {**stats, "failed": [doc.path, doc.line, doc.reason]}
-                stats["error_count"] += 1
-                if len(stats["errors"]) < MAX_ERRORS_KEPT:
-                    stats["errors"].append([doc.path, doc.line, doc.reason])
-                continue
-            ids = tok.encode(doc)
-            if _worker["append_eod"]:
-                ids.append(eod)
-            builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
-            stats["docs"] += 1
-            stats["tokens"] += len(ids)
-            pending[0] += 1
-            pending[1] += len(ids)
-            if pending[0] >= _PROGRESS_EVERY_DOCS or pending[2] >= _PROGRESS_EVERY_BYTES:
-                _bump(counters, *pending)
-                disk_reported += pending[3]
-                pending = [0, 0, 0, 0]
-        builder.finalize(tmp_idx)
-        os.replace(tmp_bin, f"{prefix}.bin")
-        os.replace(tmp_idx, f"{prefix}.idx")
-        _write_json_atomic(f"{prefix}.json", stats)  # the completion marker: written last
-        _bump(counters, *pending[:3], chunk.disk_bytes - disk_reported)
-        return stats
-    finally:
-        builder.data_file.close()
-        for tmp in (tmp_bin, tmp_idx):
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with _indexed_dataset(prefix, dtype) as builder:
+            disk_reported = _write_shard(builder, chunk, stats, pending, plain, tok, dtype, eod, counters)
+    except _ShardFailed as failed:
+        return {**stats, "failed": list(failed.args)}
+    _write_json_atomic(f"{prefix}.json", stats)  # the completion marker: written last
+    _bump(counters, *pending[:3], chunk.disk_bytes - disk_reported)
+    return stats
+
+
+def _write_shard(builder, chunk, stats, pending, plain, tok, dtype, eod, counters) -> int:
+    """The documents of `chunk` into `builder`, counted into `stats` and `pending` (progress not yet
+    reported); returns the disk bytes already reported."""
+    disk_reported = 0
+    for nbytes, doc in read_chunk(chunk, _worker["text_key"]):
+        stats["lines"] += 1
+        stats["text_bytes"] += nbytes
+        pending[2] += nbytes
+        pending[3] += nbytes if plain else 0
+        if doc is None:
+            stats["empty_files"] += 1
+            continue
+        if isinstance(doc, DocError):
+            if _worker["on_error"] == "fail":
+                raise _ShardFailed(doc.path, doc.line, doc.reason)
+            stats["error_count"] += 1
+            if len(stats["errors"]) < MAX_ERRORS_KEPT:
+                stats["errors"].append([doc.path, doc.line, doc.reason])
+            continue
+        ids = tok.encode(doc)
+        if _worker["append_eod"]:
+            ids.append(eod)
+        builder.add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+        stats["docs"] += 1
+        stats["tokens"] += len(ids)
+        pending[0] += 1
+        pending[1] += len(ids)
+        if pending[0] >= _PROGRESS_EVERY_DOCS or pending[2] >= _PROGRESS_EVERY_BYTES:
+            _bump(counters, *pending)
+            disk_reported += pending[3]
+            pending[:] = [0, 0, 0, 0]
+    return disk_reported
 
 
 def _write_json_atomic(path: str, obj) -> None:
@@ -161,28 +181,16 @@ def _prepare_shards(shard_dir: Path, chunks: list[Chunk], tok: Tokenizer, text_k
 def _merge_shards(prefixes: list[str], results: dict, output_prefix: str, dtype) -> None:
     """Concatenate the shards in input order under temporary names; .idx is renamed last, so its
     presence means the output is complete."""
-    IndexedDatasetBuilder = _megatron_indexed().IndexedDatasetBuilder
-    out_bin, out_idx = f"{output_prefix}.bin", f"{output_prefix}.idx"
-    tmp_bin, tmp_idx = f"{out_bin}.tmp", f"{out_idx}.tmp"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
     # add_index runs gc.collect() per shard, ~0.5 s each with torch and megatron.core loaded; frozen
     # objects are not scanned, which makes it cheap.
     gc.freeze()
     try:
-        for i, p in enumerate(prefixes):
-            if results[i]["docs"]:
-                builder.add_index(p)
-        builder.finalize(tmp_idx)
-        if os.path.exists(out_idx):
-            os.remove(out_idx)
-        os.replace(tmp_bin, out_bin)
-        os.replace(tmp_idx, out_idx)
+        with _indexed_dataset(output_prefix, dtype) as builder:
+            for i, p in enumerate(prefixes):
+                if results[i]["docs"]:
+                    builder.add_index(p)
     finally:
         gc.unfreeze()
-        builder.data_file.close()
-        for tmp in (tmp_bin, tmp_idx):
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 class _Progress:

@@ -153,6 +153,12 @@ class Tokenizer:
         self.vocab_size = max(base, self.mask_id + 1)
         self._base_vocab = base
 
+    @property
+    def encodes_by_line(self) -> bool:
+        """True when text is encoded one distinct line at a time through a cache (exact for this model:
+        identity normalisation and no piece spanning a newline)."""
+        return getattr(self, "_line_cache", None) is not None
+
     # --- Megatron's tokenizer interface (what GPTDatasetConfig reads) ----------------------------------
     @property
     def eod(self) -> int:

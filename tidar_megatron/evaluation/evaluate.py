@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -64,9 +65,12 @@ def evaluate(model_dir, output, data: str | None = None, seq_length: int = 1024,
     table = markdown(results)
     write_atomic(output.with_suffix(".md"), table + "\n")
     if prompts is not None:
-        from tidar_megatron.plots import draw_acceptance
+        from tidar_megatron.plots import PlotsUnavailable, draw_acceptance
 
-        results["plot"] = str(draw_acceptance(results["generation"]["tidar"], output.parent / "acceptance.png"))
+        try:
+            results["plot"] = str(draw_acceptance(results["generation"]["tidar"], output.parent / "acceptance.png"))
+        except PlotsUnavailable as e:
+            print(e, file=sys.stderr)
     return results
 
 

@@ -113,10 +113,13 @@ class Progress:
         if not self.enabled:
             return
         if self.history:
-            from tidar_megatron.plots import draw_training
+            from tidar_megatron.plots import PlotsUnavailable, draw_training
 
-            path = draw_training(self.history, self.validation, Path(self.cfg.checkpoint.dir) / "loss.png")
-            self.message(f"loss curve: {path}")
+            try:
+                path = draw_training(self.history, self.validation, Path(self.cfg.checkpoint.dir) / "loss.png")
+                self.message(f"loss curve: {path}")
+            except PlotsUnavailable as e:
+                self.message(str(e))
         if self.wandb is not None:
             self.wandb.finish()
         self.log_file.close()
