@@ -74,7 +74,7 @@ def test_launchers_train_save_on_sigterm_and_resume(corpus, tmp_path):
     subprocess.run(["scancel", "--signal=TERM", job], check=True)
     state, code = _wait(job)
     assert state == "COMPLETED" and code == ("0", "0"), output.read_text()
-    assert "preset tiny, 2 tasks" in output.read_text()
+    assert "config tiny, 2 tasks" in output.read_text()
     step = int((ckpt / "latest").read_text().strip().split("_")[1])
     assert step >= 2 and f"preempted: saved step {step}" in log.read_text()
 
