@@ -50,7 +50,7 @@ def main(argv=None) -> int:
 
     from tidar_megatron import console
     from tidar_megatron.config import load_config
-    from tidar_megatron.data.batch import from_token_windows
+    from tidar_megatron.data.batch import PackedDocuments, from_token_windows
     from tidar_megatron.training import distributed
     from tidar_megatron.training.metrics import model_flops_per_step
     from tidar_megatron.training.trainer import build_trainer
@@ -68,9 +68,18 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
 
     def batches_for(run_cfg, trainer):
+        d = run_cfg.data
+        # The recipe presets keep packed documents apart: an end-of-document token (id 0) every 1024 tokens
+        # gives the per-sample layouts that such training builds every batch.
+        documents = (PackedDocuments(0, d.reset_attention_mask, d.reset_position_ids)
+                     if d.reset_attention_mask or d.reset_position_ids else None)
+
         def make():
-            windows = torch.randint(0, run_cfg.model.vocab_size, (trainer.num_microbatches * mbs, L + 1), generator=g)
-            return [{k: v.to(dev) for k, v in from_token_windows(run_cfg.layout, w, run_cfg.tidar.mask_token_id).items()}
+            windows = torch.randint(1, run_cfg.model.vocab_size, (trainer.num_microbatches * mbs, L + 1), generator=g)
+            if documents is not None:
+                windows[:, 1023::1024] = 0
+            return [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in
+                     from_token_windows(run_cfg.layout, w, run_cfg.tidar.mask_token_id, documents).items()}
                     for w in windows.split(mbs)]
         return make
 
@@ -111,7 +120,8 @@ def main(argv=None) -> int:
             seconds = min(times[name])
             if on_gpu:
                 torch.cuda.reset_peak_memory_stats()
-            saved = saved_activation_bytes(trainer, make()[0], run_cfg.layout)
+            first = make()[0]
+            saved = saved_activation_bytes(trainer, first, first.get("layout", run_cfg.layout))
             row = {"ms_per_step": seconds * 1e3, "clean_tokens_per_s": t.global_batch_size * L / seconds,
                    "saved_activations_mib": saved / 2**20}
             line = (f"{recompute:<11}{name:<7}{row['ms_per_step']:>9.1f}{row['clean_tokens_per_s']:>13.0f}"

@@ -141,7 +141,9 @@ def test_concurrent_streams_each_equal_their_single_request_output(servers, mode
     (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),
     (json.dumps({"prompt": "x", "temperature": "hot"}).encode(), "temperature"),
     (json.dumps({"prompt": [1, 2, 100000]}).encode(), "prompt"),          # outside the vocabulary
-    (json.dumps({"prompt": "def " * 200, "max_tokens": 4}).encode(), "max_tokens"),  # longer than the context
+    (json.dumps({"prompt": "def " * 200, "max_tokens": 4}).encode(), "prompt"),  # longer than the context
+    (json.dumps({"prompt": "def " * 200}).encode(), "prompt"),                    # ... with the default max_tokens
+    (json.dumps({"prompt": [5] * 50, "max_tokens": 80}).encode(), "max_tokens"),  # fits, its completion not
     (json.dumps({"max_tokens": 4}).encode(), "prompt"),
 ])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(servers, body, param):
@@ -175,3 +177,26 @@ def test_metrics_parse_and_count_the_requests(model_dir):
     assert samples[("tidar_sequence_passes_total", ())] == sum(u["forward_passes"] for u in usages)
     assert samples[("tidar_request_latency_seconds_count", ())] == 3
     assert samples[("tidar_batch_occupancy", ())] == 0 and samples[("tidar_queue_length", ())] == 0
+
+
+def test_stop_strings_cut_streams_and_completions_alike(servers, model_dir):
+    api = client(servers["tidar"])
+    full = reference(model_dir, PROMPTS[0], "tidar", 30)
+    stop = full[len(full) // 2:len(full) // 2 + 2]  # a string the completion is known to contain
+    got = api.completions.create(model="m", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=[stop])
+    assert got.choices[0].text == full[:full.find(stop)] and got.choices[0].finish_reason == "stop"
+    stream = api.completions.create(model="m", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=[stop],
+                                    stream=True)
+    assert "".join(c.choices[0].text for c in stream) == got.choices[0].text  # nothing sent twice
+
+
+def test_a_failed_pass_ends_its_requests_and_the_engine_goes_on(model_dir):
+    app, engine = build(model_dir, mode="tidar", max_batch=2, max_model_len=96)
+    with BackgroundServer(app, engine) as server:
+        real = engine.model.forward
+        engine.model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory (simulated)"))
+        failed = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=60)
+        assert failed.status_code == 500 and "out of memory (simulated)" in failed.json()["error"]["message"]
+        engine.model.forward = real
+        ok = client(server).completions.create(model="m", prompt="x = ", max_tokens=3, temperature=0)
+        assert ok.choices[0].text and httpx.get(server.url + "/health").json()["batch_occupancy"] == 0

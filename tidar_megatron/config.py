@@ -332,8 +332,15 @@ def _read_preset(preset: str | Path, chain: tuple = ()) -> tuple[dict, str]:
         return raw, source
     if str(base) in chain:
         raise ConfigError(f"{source}: base {base!r} includes itself")
-    merged, base_source = _read_preset(base, chain + (str(preset),))
+    base_path = Path(str(base))
+    if base_path.suffix and not base_path.is_absolute() and path.suffix:  # relative to the including file
+        base = path.parent / base_path
+    try:
+        merged, base_source = _read_preset(base, chain + (str(preset),))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: base: {e}") from None
     for section, values in raw.items():
+        values = {} if values is None else values
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
             merged[section] = {**merged[section], **values}
         else:
@@ -344,6 +351,7 @@ def _read_preset(preset: str | Path, chain: tuple = ()) -> tuple[dict, str]:
 def load_config(preset: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a preset (a name in configs/ or a YAML path) and apply `--section.field value` overrides."""
     raw, source = _read_preset(preset)
+    raw = {k: ({} if v is None else v) for k, v in raw.items()}  # an empty section (`data:`) is no section
     from_cli = set()
     for key, value in parse_overrides(overrides or []):
         key = ALIASES.get(key, key)
@@ -352,7 +360,7 @@ def load_config(preset: str | Path, overrides: list[str] | None = None) -> Confi
             raise ConfigError(f"--{key} (command line): use --section.field (e.g. --model.num_layers 4)")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
-            raise ConfigError(f"--{key} (command line): {section} is not a section")
+            raise ConfigError(f"{source}: {section} is not a mapping of fields (overriding --{key})")
         raw[section][name] = value
         from_cli.add((section, name))
     return from_dict(raw, source=source, from_cli=from_cli)
@@ -373,7 +381,10 @@ def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
             i += 2
         else:
             raise ConfigError(f"override {arg} (command line) has no value")
-        out.append((key, yaml.safe_load(value)))
+        try:
+            out.append((key, yaml.safe_load(value)))
+        except yaml.YAMLError:
+            raise ConfigError(f"--{key} (command line): {value!r} is not a value (quote it to pass a string)") from None
     return out
 
 

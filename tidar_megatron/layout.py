@@ -74,7 +74,10 @@ class TiDARLayout:
 
     def with_documents(self, starts, attention: bool = True, positions: bool = True) -> "TiDARLayout":
         """This layout for a batch of packed samples: `starts[i]` lists the clean indices where a document
-        after the first starts in sample i (after each end-of-document token)."""
+        after the first starts in sample i (after each end-of-document token).  For training layouts (every
+        block inside the clean sequence)."""
+        if max(self.block_ends, default=0) > self.clean_len:
+            raise ValueError("packed documents apply to training layouts, whose blocks draft clean tokens")
         return TiDARLayout(self.clean_len, self.block_size, self.block_starts, self.block_ends,
                            tuple(tuple(int(c) for c in cuts) for cuts in starts), attention, positions)
 

@@ -37,8 +37,8 @@ class BackendUnavailable(TiDARError, RuntimeError):
 
 def layout_as_mask(backend: str, layout: TiDARLayout, device) -> torch.Tensor | None:
     """What `backend` takes as Megatron's attention_mask for `layout` (te: None, its bias goes separately)."""
-    if backend == "local":
-        return _megatron_mask(layout, device)
+    if backend == "local":  # packed documents: a new layout every batch, not worth caching
+        return layout.megatron_mask(device) if layout.documents else _megatron_mask(layout, device)
     if backend in ("flex", "kernel"):
         return layout.to_tensor()  # stays on the CPU: only decoded, never read by a kernel
     return None
@@ -191,9 +191,13 @@ def assert_te_fused_backend():
                                  "model.attention_backend=kernel")
 
 
-@functools.lru_cache(maxsize=4)
 def te_attention_bias(layout: TiDARLayout, dtype: torch.dtype, device) -> torch.Tensor:
     """[1 or batch, 1, S, S] post-scale bias: 0 where allowed, a large negative number elsewhere (TE's own
-    recipe in docs/examples/attention/arbitrary_mask_to_post_scale_bias.py).  Cached per layout."""
+    recipe in docs/examples/attention/arbitrary_mask_to_post_scale_bias.py).  Cached for shared layouts."""
+    return _te_bias(layout, dtype, device) if not layout.documents else _te_bias.__wrapped__(layout, dtype, device)
+
+
+@functools.lru_cache(maxsize=4)
+def _te_bias(layout: TiDARLayout, dtype: torch.dtype, device) -> torch.Tensor:
     neg = -(2.0 ** 50) if dtype == torch.bfloat16 else -(2.0 ** 15)
     return torch.where(~layout.megatron_mask(device), 0.0, neg).to(dtype)

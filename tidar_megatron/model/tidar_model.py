@@ -115,6 +115,8 @@ class TiDARModel(GPTModel):
         `layout`: the TiDARLayout of the sequence (default: the config's training layout).  `score` (with
         labels): [b, S, 2], the cross-entropy and each row's argmax id (vocab-parallel), for validation."""
         layout = layout or self.default_layout
+        if input_ids is not None and layout.batch_size not in (None, input_ids.shape[0]):
+            raise ValueError(f"the layout describes {layout.batch_size} samples but the batch has {input_ids.shape[0]}")
         if input_ids is not None and layout.seq_len != input_ids.shape[-1]:
             raise ValueError(f"the layout covers {layout.seq_len} tokens but the batch has {input_ids.shape[-1]}")
         if attention_mask is None:

@@ -2,7 +2,8 @@
 
 FastAPI (on uvicorn) because it is what OpenAI-compatible servers are built on (vLLM's and SGLang's API
 servers): request bodies validated by pydantic models, server-sent events through StreamingResponse, and a
-client that disconnects cancels its response, which frees the request's KV-cache row.  Errors are OpenAI's
+streaming client that disconnects cancels its response, which frees the request's KV-cache row (a
+non-streaming request runs to its end).  Errors are OpenAI's
 error object with status 400 (FastAPI's own validation errors, 422, are rewritten to that).
 """
 
@@ -81,9 +82,13 @@ def create_app(engine: Engine, tokenizer, model_name: str, chat_template: str | 
     def engine_request(prompt_ids: list[int], body: _Body, max_tokens: int | None, on_event) -> EngineRequest:
         if not prompt_ids:
             raise BadRequest("the prompt has no tokens", "prompt")
-        if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
-            raise BadRequest(f"token id {max(prompt_ids)} is outside the model's vocabulary ({vocab} ids)", "prompt")
+        outside = [t for t in prompt_ids if not 0 <= t < vocab]
+        if outside:
+            raise BadRequest(f"token id {outside[0]} is outside the model's vocabulary ({vocab} ids)", "prompt")
         limit = engine.max_model_len
+        if len(prompt_ids) >= limit:
+            raise BadRequest(f"this model's maximum context length is {limit} tokens; the prompt has "
+                             f"{len(prompt_ids)}", "prompt")
         max_tokens = max_tokens or min(16, limit - len(prompt_ids))
         if len(prompt_ids) + max_tokens > limit:
             raise BadRequest(f"this model's maximum context length is {limit} tokens; the request has "
@@ -116,6 +121,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, chat_template: str | 
                 while event is None or event.finish_reason is None:
                     event = await events.get()
                     text += event.text
+                if event.finish_reason == "error":
+                    metrics.requests.labels(endpoint, "500").inc()
+                    return _error(f"generation failed: {event.usage['error']}", status=500)
             except asyncio.CancelledError:
                 engine.cancel(request.id)
                 raise
@@ -199,9 +207,14 @@ def render_chat(template: str, messages: list[dict], tokenizer) -> str:
     def raise_exception(message):
         raise BadRequest(f"chat template: {message}", "messages")
 
+    from jinja2 import TemplateError
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
     special = {}
     if tokenizer is not None:
         special = {"eos_token": tokenizer.decode([tokenizer.eod_id])}
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
+    except TemplateError as e:
+        raise BadRequest(f"chat template: {e}", "messages") from None

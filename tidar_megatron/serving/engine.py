@@ -76,7 +76,8 @@ class Engine:
         self.metrics = metrics
         step_layout = TiDARLayout.for_decoding(0, self.block) if mode == "tidar" else TiDARLayout.causal(1)
         self.pass_width = step_layout.seq_len - step_layout.clean_len if mode == "tidar" else 1
-        self.model.setup_kv_cache(max_batch, max_model_len + step_layout.seq_len + self.block)
+        self.capacity = max_model_len + step_layout.seq_len + self.block  # cache slots per row
+        self.model.setup_kv_cache(max_batch, self.capacity)
         if mode == "tidar":
             self.groups = torch.stack([block_rows_index([step_layout], j, self.device)[0]
                                        for j in range(self.block)])      # [B, B] rows of group j + 1
@@ -126,8 +127,22 @@ class Engine:
                     while self.running and not (self.waiting or self.active or self.cancelled):
                         self.wake.wait()
                     if not self.running:
+                        self._fail_all("the server is shutting down")
                         return
-                self.step()
+                try:
+                    self.step()
+                except Exception as e:  # a failed pass (out of memory, say) ends its requests, not the server
+                    self._fail_all(f"{type(e).__name__}: {e}")
+
+    def _fail_all(self, reason: str):
+        """End every admitted and waiting request with finish_reason "error" and free their rows."""
+        with self.wake:
+            waiting, self.waiting = list(self.waiting), deque()
+        for seq in list(self.active.values()):
+            self._finish(seq)
+            waiting.append(seq.request)
+        for request in waiting:
+            request.on_event(Event([], "", "error", {"error": reason}))
 
     def step(self):
         """Drop cancelled requests, admit waiting ones into free rows, then one pass for every active one."""
@@ -139,8 +154,15 @@ class Engine:
                 admitted.append((self.waiting.popleft(), self.free_rows.pop(0)))
         for seq in [s for s in self.active.values() if s.request.id in cancelled]:
             self._finish(seq)
-        for request, row in admitted:
-            self._prefill(request, row)
+        for i, (request, row) in enumerate(admitted):
+            try:
+                self._prefill(request, row)
+            except Exception as e:  # this request fails; the ones admitted after it wait again
+                with self.wake:
+                    self.free_rows = sorted(self.free_rows + [r for _, r in admitted[i:]])
+                    self.waiting.extendleft(req for req, _ in reversed(admitted[i + 1:]))
+                request.on_event(Event([], "", "error", {"error": f"{type(e).__name__}: {e}"}))
+                raise
         if self.active:
             self._decode(list(self.active.values()))
         if self.metrics is not None:
@@ -230,15 +252,18 @@ class Engine:
                 tokens, finish = tokens[:i + 1], "stop"
                 break
         seq.generated += tokens
-        text = self.tokenizer.decode(seq.generated) if self.tokenizer is not None else ""
+        shown = [t for t in seq.generated if t not in self.eos]  # the completion's text leaves out EOS
+        text = self.tokenizer.decode(shown) if self.tokenizer is not None else ""
         for stop in request.stop:
             cut = text.find(stop)
             if stop and cut >= 0:
                 text, finish = text[:cut], "stop"
-        if finish is None and seq.prefix + self.pass_width + self.block > self.max_model_len:
-            finish = "length"
-        delta = text[len(seq.text):] if text.startswith(seq.text) else text
-        seq.text = text
+        if finish is None and seq.prefix + self.pass_width + self.block > self.capacity:
+            finish = "length"  # only reached by callers that skip the API's length check
+        if finish is None:  # hold back what a stop string or a half-decoded character may still change
+            text = _settled(text, request.stop)
+        delta = text[len(seq.text):] if text.startswith(seq.text) else ""
+        seq.text = text if text.startswith(seq.text) else seq.text
         usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": len(seq.generated),
                  "total_tokens": len(request.prompt_ids) + len(seq.generated), "forward_passes": seq.passes,
                  "tokens_per_pass": len(seq.generated) / seq.passes}
@@ -253,3 +278,16 @@ class Engine:
             with self.wake:
                 self.free_rows.append(seq.row)
                 self.free_rows.sort()
+
+
+def _settled(text: str, stops: list[str]) -> str:
+    """`text` without a tail that could still turn into a stop string or is an incomplete character."""
+    keep = len(text)
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                keep = min(keep, len(text) - n)
+                break
+    while keep and text[keep - 1] == "\ufffd":
+        keep -= 1
+    return text[:keep]

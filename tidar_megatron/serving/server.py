@@ -14,7 +14,11 @@ import threading
 import time
 from pathlib import Path
 
+# fastapi and uvicorn are the serve extra (a missing one is reported by the CLI with the pip line);
+# fastapi is imported here so that a half-installed extra fails at start, not at the first request.
+import fastapi  # noqa: F401
 import torch
+import uvicorn
 
 from tidar_megatron.console import entry_point
 from tidar_megatron.errors import TiDARError
@@ -59,7 +63,6 @@ class BackgroundServer:
     """uvicorn serving `app` on host:port from a thread, with the engine started and stopped with it."""
 
     def __init__(self, app, engine, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
 
         from tidar_megatron.net import free_port
 
@@ -75,6 +78,7 @@ class BackgroundServer:
         deadline = time.time() + 60
         while not self.server.started:
             if time.time() > deadline or not self.thread.is_alive():
+                self.__exit__(None, None, None)
                 raise RuntimeError(f"the server did not start on {self.url}")
             time.sleep(0.05)
         return self
@@ -104,7 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 @entry_point("tidar-megatron serve")
 def main(argv=None) -> int:
-    import uvicorn
 
     a = build_parser().parse_args(argv)
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if a.device.startswith("cuda") else torch.float32)

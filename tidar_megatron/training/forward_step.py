@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
+
 from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.training.loss import TokenCounts, tidar_loss
 
@@ -33,6 +35,8 @@ def make_forward_step(layout: TiDARLayout, alpha: float, counts: TokenCounts, nu
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
+        if torch.cuda.is_available():  # loaders hand out host tensors (DALI's are on the GPU already)
+            batch = {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         # A batch of packed documents carries its own per-sample layout.
         output = model(batch["input_ids"], batch["position_ids"], labels=batch["targets"],
                        layout=batch.get("layout", layout), score=score)

@@ -20,6 +20,7 @@ def train(cfg: Config) -> dict:
     import torch
 
     from tidar_megatron import console
+    from tidar_megatron.errors import TiDARError
     from tidar_megatron.training import checkpoint, distributed, preflight
     from tidar_megatron.training.inputs import build_data
     from tidar_megatron.training.metrics import Progress
@@ -79,8 +80,8 @@ def train(cfg: Config) -> dict:
                 if nan_streak > cfg.train.max_nan_skips:  # every rank sees the same broadcast loss
                     if async_saves is not None:
                         async_saves.wait()  # keep the last good checkpoint that is still being written
-                    raise RuntimeError(f"{nan_streak} consecutive non-finite steps (train.max_nan_skips="
-                                       f"{cfg.train.max_nan_skips}); lower train.lr or check the data")
+                    raise TiDARError(f"{nan_streak} consecutive non-finite steps (train.max_nan_skips="
+                                     f"{cfg.train.max_nan_skips}); lower train.lr or check the data")
             else:
                 nan_streak = 0
             progress.step(trainer.step, metrics, time.time() - start)

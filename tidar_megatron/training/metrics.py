@@ -13,7 +13,7 @@ import torch
 
 from tidar_megatron.config import Config
 
-log = logging.getLogger("tidar_megatron.train")
+log = logging.getLogger(__name__)
 
 
 def model_flops(cfg: Config, tokens_per_sample: int, samples: int) -> float:
