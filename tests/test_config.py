@@ -91,6 +91,26 @@ def test_a_preset_can_build_on_another(tmp_path):
         load_config(tmp_path / "loop.yaml")
 
 
+
+def test_a_base_file_is_found_beside_the_file_that_names_it(tmp_path, monkeypatch):
+    (tmp_path / "team").mkdir()
+    (tmp_path / "team" / "common.yaml").write_text("base: tiny\ntrain:\n  seq_length: 48\ndata:\n")
+    (tmp_path / "team" / "run.yaml").write_text("base: common.yaml\nmodel:\n  num_layers: 3\n")
+    monkeypatch.chdir(tmp_path)  # not the folder of run.yaml
+    cfg = load_config("team/run.yaml")
+    assert (cfg.model.num_layers, cfg.train.seq_length) == (3, 48)
+    assert cfg.data == load_config("tiny").data  # an empty section changes nothing
+    (tmp_path / "team" / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"orphan.yaml: base: .*missing.yaml") as err:
+        load_config("team/orphan.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_an_override_that_is_not_yaml_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"--data.path \(command line\): .* is not a value") as err:
+        load_config("tiny", ["--data.path", "[unclosed"])
+    assert "\n" not in str(err.value)
+
 def test_import_hf_picks_the_recipe_for_the_model_size():
     from tidar_megatron.convert.hf_config import parse_hf_config
     from tidar_megatron.convert.hf_import import recipe_preset

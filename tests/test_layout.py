@@ -149,6 +149,13 @@ def test_document_masks_and_positions_match_brute_force(L, B, starts):
     assert torch.equal(positions_only.position_ids, positions)
 
 
+
+def test_documents_are_for_training_layouts_only():
+    with pytest.raises(ValueError, match="training layouts"):
+        TiDARLayout.for_decoding(8, 4).with_documents([(3,)])
+    with pytest.raises(ValueError, match="training layouts"):
+        TiDARLayout.for_prefill(8, 4).with_documents([(3,)])
+
 def test_documents_come_from_end_of_document_tokens():
     from tidar_megatron.data.batch import PackedDocuments, from_token_windows
 

@@ -257,13 +257,19 @@ def _documents_suite(rank, world_size):
                              alone["A"].position_ids, layout=alone["A"]),
                   "B": model(alone["B"].training_inputs(tokens[:, cut:], cfg.tidar.mask_token_id),
                              alone["B"].position_ids, layout=alone["B"])}
-    return {"leaks": leaks, "packed": base, "alone": logits}
+        try:  # a layout for one sample must not be broadcast over two
+            model(ids.expand(2, -1), packed.position_ids.expand(2, -1), layout=packed)
+            mismatch = None
+        except ValueError as e:
+            mismatch = str(e)
+    return {"leaks": leaks, "packed": base, "alone": logits, "mismatch": mismatch}
 
 
 @pytest.mark.slow
 def test_packed_documents_are_independent():
     out = run_on_ranks(1, _documents_suite)[0]
     assert out["leaks"] == []
+    assert out["mismatch"] == "the layout describes 1 samples but the batch has 2"
     packed, alone, cut = out["packed"][0], out["alone"], 5
     # Rows in order: clean A, clean B, then the mask rows, which follow the clean indices they draft.
     torch.testing.assert_close(packed[:cut], alone["A"][0, :cut], rtol=1e-5, atol=1e-5)
