@@ -19,9 +19,8 @@ import time
 import torch
 
 from tidar_megatron.inference.decoding import ATTENTION, Decoder
-from tidar_megatron.inference.generate import DTYPES, parse_ids
-from tidar_megatron.inference.hf_checkpoint import load_hf_model
-from tidar_megatron.testing import repetitive_corpus, save_weights, tiny_hf_checkpoint, train_tidar
+from tidar_megatron.inference.generate import DTYPES, parse_ids, resolve_dtype
+from tidar_megatron.testing import repetitive_corpus, trained_toy_checkpoint
 
 
 def parse_args(argv=None):
@@ -50,17 +49,14 @@ def parse_args(argv=None):
 def train_toy_model(args, model_dir):
     """Returns prompts drawn from the training corpus."""
     vocab, mask_token_id = 256, 255
-    tiny_hf_checkpoint(model_dir, "qwen2", vocab_size=vocab, hidden_size=args.hidden_size,
-                       intermediate_size=4 * args.hidden_size, num_hidden_layers=args.num_layers,
-                       num_attention_heads=4, num_key_value_heads=2, tidar_mask_token_id=mask_token_id,
-                       tidar_draft_block_size=args.train_block_size)
-    model, _ = load_hf_model(model_dir)
     corpus = repetitive_corpus(2048, args.train_seq_len + 1, list(range(3, 3 + 128)), seed=0)
     started = time.perf_counter()
-    losses = train_tidar(model, corpus, mask_token_id, args.train_block_size, args.train_steps)
+    losses = trained_toy_checkpoint(model_dir, corpus, args.train_steps, vocab_size=vocab,
+                                    hidden_size=args.hidden_size, intermediate_size=4 * args.hidden_size,
+                                    num_hidden_layers=args.num_layers, num_attention_heads=4, num_key_value_heads=2,
+                                    tidar_mask_token_id=mask_token_id, tidar_draft_block_size=args.train_block_size)
     print(f"trained {args.train_steps} steps in {time.perf_counter() - started:.0f}s, "
           f"final TiDAR loss {losses[-1]:.3f}")
-    save_weights(model, model_dir)
     return [corpus[i, :8].tolist() for i in range(args.num_prompts)]
 
 
@@ -94,8 +90,7 @@ def main(argv=None):
         elif prompts is None:
             g = torch.Generator().manual_seed(0)
             prompts = torch.randint(0, 1000, (args.num_prompts, 16), generator=g).tolist()
-        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
-                                                       else torch.float32)
+        dtype = resolve_dtype(args.dtype, args.device)
         decoder = Decoder.from_pretrained(model_dir, dtype, args.device, args.mask_token_id, args.block_size,
                                           args.compile, args.attention)
         results = measure(decoder, prompts, args.max_new_tokens)

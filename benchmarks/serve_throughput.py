@@ -26,16 +26,12 @@ import torch
 
 def toy_checkpoint(path: Path, block: int) -> list[list[int]]:
     """A trained toy checkpoint in `path`; returns prompts (token ids) from its corpus."""
-    from tidar_megatron.inference.hf_checkpoint import load_hf_model
-    from tidar_megatron.testing import repetitive_corpus, save_weights, tiny_hf_checkpoint, train_tidar
+    from tidar_megatron.testing import repetitive_corpus, trained_toy_checkpoint
 
-    tiny_hf_checkpoint(path, "qwen2", vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                       tidar_mask_token_id=255, tidar_draft_block_size=block, eos_token_id=None,
-                       max_position_embeddings=512)
-    model, _ = load_hf_model(path)
     corpus = repetitive_corpus(1024, 65, list(range(3, 131)), num_cycles=4, seed=0)
-    train_tidar(model, corpus, 255, block, steps=300)
-    save_weights(model, path)
+    trained_toy_checkpoint(path, corpus, 300, vocab_size=256, hidden_size=128, intermediate_size=256,
+                           num_hidden_layers=4, tidar_mask_token_id=255, tidar_draft_block_size=block,
+                           eos_token_id=None, max_position_embeddings=512)
     return [corpus[i, :16].tolist() for i in range(64)]
 
 
@@ -89,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from tidar_megatron.inference.generate import resolve_dtype
     from tidar_megatron.serving.server import BackgroundServer, build
 
     if args.model:
@@ -97,7 +94,7 @@ def main(argv=None) -> int:
     else:
         model_dir = Path(tempfile.mkdtemp(prefix="serve_bench_"))
         prompts = toy_checkpoint(model_dir, args.block_size)
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = resolve_dtype(None, args.device)
     servers = {}
     for mode in ("tidar", "ar"):
         app, engine = build(model_dir, mode=mode, max_batch=max(args.levels), max_model_len=512, device=args.device,

@@ -13,7 +13,7 @@ from tidar_megatron.evaluation import generation, likelihood, sandbox
 from tidar_megatron.evaluation.evaluate import main
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.hf_checkpoint import load_hf_model
-from tidar_megatron.testing import repetitive_corpus, save_weights, tiny_hf_checkpoint, train_tidar
+from tidar_megatron.testing import repetitive_corpus, trained_toy_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MASK, BLOCK, VOCAB = 127, 4, 128
@@ -23,11 +23,9 @@ MASK, BLOCK, VOCAB = 127, 4, 128
 def trained(tmp_path_factory):
     """A Qwen2 checkpoint trained with the TiDAR loss on walks around a fixed cycle (drafts get accepted)."""
     path = tmp_path_factory.mktemp("trained")
-    tiny_hf_checkpoint(path, "qwen2", tidar_mask_token_id=MASK, tidar_draft_block_size=BLOCK, eos_token_id=None)
-    model, _ = load_hf_model(path)
     corpus = repetitive_corpus(256, 33, list(range(3, 67)), num_cycles=1, seed=0)
-    train_tidar(model, corpus, MASK, BLOCK, steps=150)
-    save_weights(model, path)
+    trained_toy_checkpoint(path, corpus, 150, tidar_mask_token_id=MASK, tidar_draft_block_size=BLOCK,
+                           eos_token_id=None)
     return path, corpus
 
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from tidar_megatron.inference.decoding import Decoder
-from tidar_megatron.inference.hf_checkpoint import load_hf_model
 from tidar_megatron.layout import TiDARLayout
-from tidar_megatron.testing import repetitive_corpus, save_weights, tiny_hf_checkpoint, train_tidar
+from tidar_megatron.testing import repetitive_corpus, tiny_hf_checkpoint, trained_toy_checkpoint
 
 pytest.importorskip("transformers")  # only to write the tiny checkpoints
 
@@ -30,12 +29,9 @@ def random_decoder(tmp_path_factory):
 def trained(tmp_path_factory):
     """A Qwen2 checkpoint trained with the TiDAR loss on walks around a fixed cycle, saved and reloaded."""
     path = tmp_path_factory.mktemp("trained")
-    tiny_hf_checkpoint(path, "qwen2", tidar_mask_token_id=MASK_TOKEN_ID,
-                       tidar_draft_block_size=TRAINED_BLOCK_SIZE)
-    model, _ = load_hf_model(path)
     corpus = repetitive_corpus(512, 33, CORPUS_TOKEN_IDS, num_cycles=1, seed=0)
-    train_tidar(model, corpus, MASK_TOKEN_ID, TRAINED_BLOCK_SIZE, steps=200)
-    save_weights(model, path)
+    trained_toy_checkpoint(path, corpus, 200, tidar_mask_token_id=MASK_TOKEN_ID,
+                           tidar_draft_block_size=TRAINED_BLOCK_SIZE)
     return Decoder.from_pretrained(path), corpus
 
 

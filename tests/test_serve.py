@@ -26,19 +26,15 @@ TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from tidar_megatron.data.tokenizer import Tokenizer, train_sentencepiece
-    from tidar_megatron.inference.hf_checkpoint import load_hf_model
-    from tidar_megatron.testing import save_weights, tiny_hf_checkpoint, train_tidar
+    from tidar_megatron.testing import trained_toy_checkpoint
 
     path = tmp_path_factory.mktemp("served")
     train_sentencepiece([TEXT * 40], str(path / "tokenizer.model"), vocab_size=300)
     tok = Tokenizer(str(path / "tokenizer.model"))
-    tiny_hf_checkpoint(path, "qwen2", vocab_size=tok.vocab_size, tidar_mask_token_id=tok.mask_id,
-                       tidar_draft_block_size=4, eos_token_id=tok.eod_id, max_position_embeddings=128)
-    model, _ = load_hf_model(path)
     ids = torch.tensor(tok.encode(TEXT * 8))
     corpus = torch.stack([ids[i:i + 33] for i in range(0, len(ids) - 33, 7)])
-    train_tidar(model, corpus, tok.mask_id, 4, steps=120)
-    save_weights(model, path)
+    trained_toy_checkpoint(path, corpus, 120, vocab_size=tok.vocab_size, tidar_mask_token_id=tok.mask_id,
+                           tidar_draft_block_size=4, eos_token_id=tok.eod_id, max_position_embeddings=128)
     (path / "chat_template.jinja").write_text(TEMPLATE)
     return path
 

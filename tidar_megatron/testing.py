@@ -93,3 +93,16 @@ def save_weights(model: Transformer, model_dir: str | Path):
     if model.args.tie_word_embeddings:
         state.pop("lm_head.weight")
     save_file(state, str(Path(model_dir) / "model.safetensors"), metadata={"format": "pt"})
+
+
+def trained_toy_checkpoint(model_dir, corpus: torch.Tensor, steps: int, model_type: str = "qwen2",
+                           **config_overrides) -> list[float]:
+    """`tiny_hf_checkpoint(model_dir, model_type, **config_overrides)` trained with the TiDAR loss on `corpus`
+    (with its tidar_mask_token_id and tidar_draft_block_size) and saved back; returns the step losses."""
+    from tidar_megatron.inference.hf_checkpoint import load_hf_model
+
+    tiny_hf_checkpoint(model_dir, model_type, **config_overrides)
+    model, hf = load_hf_model(model_dir)
+    losses = train_tidar(model, corpus, hf.tidar_mask_token_id, hf.tidar_draft_block_size, steps)
+    save_weights(model, model_dir)
+    return losses

@@ -24,8 +24,8 @@ import torch
 from tidar_megatron.atomic import write_atomic
 from tidar_megatron.console import ProgressBar, entry_point
 from tidar_megatron.errors import TiDARError
+from tidar_megatron.inference.generate import DTYPES, resolve_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def evaluate(model_dir, output, data: str | None = None, seq_length: int = 1024, prompts: str | None = None,
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.seq_length < 2 or a.max_new_tokens < 1 or any(b < 2 for b in a.block_size or []):
         raise TiDARError("--seq-length must be >= 2, --max-new-tokens >= 1 and every --block-size >= 2")
-    dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
+    dtype = resolve_dtype(a.dtype, a.device)
     results = evaluate(a.model, a.output, a.data, a.seq_length, a.prompts, a.max_new_tokens, a.block_size, a.beta,
                        a.device, dtype, a.batch_size, progress=not a.quiet)
     print(markdown(results))

@@ -30,9 +30,9 @@ from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix, resolve_ma
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.inference.generate import DTYPES
 from tidar_megatron.inference.sampling import SamplingConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @register_model("tidar")

@@ -88,9 +88,46 @@ def mixed_logits(ar_logits: torch.Tensor, diffusion_logits: torch.Tensor, beta: 
     return ar_logits if beta == 1.0 else beta * ar_logits.float() + (1.0 - beta) * diffusion_logits.float()
 
 
-def block_rows_index(layouts: list[TiDARLayout], j: int, device) -> torch.Tensor:
-    """[len(layouts), B] the rows of draft block j of each layout."""
-    return torch.tensor([list(layout.block_rows(j)) for layout in layouts], device=device)
+def first_token_and_drafts(last_prompt_logits, first_block, beta: float, sampling, generator):
+    """After a prefill: the first token from the prompt's last AR row, mixed with slot 0 of the mask block after
+    the prompt (it drafts the same position), and the drafts from the block's other slots.
+
+    last_prompt_logits [b, V], first_block [b, B, V] -> pending block [b, B] (the token, then its drafts),
+    the drafts' distributions (sampling) or None.
+    """
+    token, _ = select(mixed_logits(last_prompt_logits, first_block[:, 0], beta), sampling, generator)
+    drafts, draft_probs = select(first_block[:, 1:], sampling, generator)
+    return torch.cat([token[:, None], drafts], dim=1), draft_probs
+
+
+def verify_and_redraft(logits, pending, draft_probs, groups, beta: float, sampling, generator):
+    """What one decoding pass decides for each sequence.
+
+    logits [b, width, V]: the pass's rows from the pending block on; pending [b, B]; groups [B, B]: the rows
+    of mask block a - 1 (acceptance length a) relative to the pending block (`full_block_rows` of
+    `TiDARLayout.for_decoding(0, B)`).  Row i of the pending block predicts position m + i + 1, as does slot 0
+    of group i + 1.  Returns accepted [b] (tokens kept of the pending block, 1..B), the next pending block
+    [b, B] (the token after the kept ones, then the drafts of the group that saw exactly those), and the new
+    drafts' distributions.
+    """
+    block = pending.shape[1]
+    target_logits = mixed_logits(logits[:, :block], logits[:, groups[:, 0]], beta)
+    accepted, token = verify_drafts(target_logits, pending[:, 1:], draft_probs, sampling, generator)
+    rows = torch.arange(len(pending), device=logits.device)
+    chosen_block = logits[rows[:, None], groups[accepted - 1]]        # its slot 0 drafts `token`
+    drafts, new_draft_probs = select(chosen_block[:, 1:], sampling, generator)
+    return accepted, torch.cat([token[:, None], drafts], dim=1), new_draft_probs
+
+
+def clip_at_stop(tokens: list[int], room: int, eos) -> tuple[list[int], str | None]:
+    """`tokens` cut to `room` and after the first EOS; the finish reason ("length", "stop") or None."""
+    finish = None
+    if len(tokens) >= room:
+        tokens, finish = tokens[:room], "length"
+    for j, token in enumerate(tokens):
+        if token in eos:
+            return tokens[:j + 1], "stop"
+    return tokens, finish
 
 
 @dataclass
@@ -143,13 +180,9 @@ class _StopRule:
     def commit(self, i: int, tokens: list[int]) -> list[int]:
         if self.finished[i]:
             return []
-        tokens = tokens[:self.max_new_tokens - self.generated[i]]
-        for j, token in enumerate(tokens):
-            if token in self.eos:
-                tokens, self.finished[i] = tokens[:j + 1], True
-                break
+        tokens, finish = clip_at_stop(tokens, self.max_new_tokens - self.generated[i], self.eos)
         self.generated[i] += len(tokens)
-        self.finished[i] |= self.generated[i] >= self.max_new_tokens
+        self.finished[i] = finish is not None
         return tokens
 
 
@@ -180,15 +213,19 @@ class Decoder:
         # Compiled decoding steps attend over the whole cache so that every step has the same shapes (CUDA
         # graphs replay fixed shapes); eager steps attend only to the keys a pass can see.
         self.attend_whole_cache = self.compiled
+        self.checkpoint_config = None  # the HFConfig read by from_pretrained
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu", mask_token_id=None, block_size=None,
                         compile=False, attention="sdpa", beta: float = 1.0) -> "Decoder":
-        """Explicit mask_token_id / block_size override the checkpoint's tidar_* config fields."""
+        """Explicit mask_token_id / block_size override the checkpoint's tidar_* config fields; the config read
+        stays at `checkpoint_config`."""
         from tidar_megatron.inference.hf_checkpoint import load_hf_model
-        model, fields = load_hf_model(model_dir, dtype, device)
-        return cls(model, mask_token_id if mask_token_id is not None else fields.mask_token_id,
-                   block_size or fields.draft_block_size, fields.eos_token_ids, compile, attention, beta)
+        model, hf = load_hf_model(model_dir, dtype, device)
+        decoder = cls(model, mask_token_id if mask_token_id is not None else hf.tidar_mask_token_id,
+                      block_size or hf.tidar_draft_block_size, hf.eos_token_ids, compile, attention, beta)
+        decoder.checkpoint_config = hf
+        return decoder
 
     def generate(self, prompts, max_new_tokens: int, mode: str = "tidar", sampling=SamplingConfig(),
                  seed: int | None = None, block_size: int | None = None, beta: float | None = None) -> Generation:
@@ -238,28 +275,34 @@ class Decoder:
                 raise DecodingError(f"TiDAR decoding needs block_size >= 2 (got {block_size}); "
                                  f"use mode 'ar' for one token per pass")
 
-    def _forward(self, tokens, layouts, first_rows, step: bool):
-        """One pass over rows [first_row, first_row + width) of each layout; returns logits [b, width, V]."""
-        width = tokens.shape[1]
+    def padded(self, tokens: list[list[int]]) -> torch.Tensor:
+        """[b, width] ids on the device; shorter rows repeat their last token (rows past a layout's end)."""
+        width = max(map(len, tokens))
+        return torch.tensor([t + [t[-1]] * (width - len(t)) for t in tokens], device=self.device)
+
+    def forward_pass(self, ids: torch.Tensor, layouts, first_rows, step: bool = False,
+                     cache_rows: list[int] | None = None):
+        """One pass over rows [first_row, first_row + width) of each layout; returns logits [b, width, V].
+        `cache_rows`: the KV-cache row of each sequence (default: row i for sequence i).  `step`: a decoding
+        step (the compiled model, when compiled)."""
+        width = ids.shape[1]
         model = self._step_model if step else self.model
+        if cache_rows is not None and cache_rows != list(range(len(cache_rows))):
+            cache_rows = torch.tensor(cache_rows, device=self.device)
+        else:
+            cache_rows = None  # rows 0..b-1: the cache is sliced, not gathered
         shared = layouts[0]
         if (self.attention == "kernel" and all(l == shared for l in layouts) and len(set(first_rows)) == 1
                 and first_rows[0] + width == shared.seq_len):
             positions = shared.position_ids[first_rows[0]:].expand(len(layouts), -1).to(self.device)
             slots = (first_rows[0] + torch.arange(width, device=self.device)).expand(len(layouts), -1)
-            return model(tokens, positions, None, slots, shared.seq_len, layout=shared)
+            return model(ids, positions, None, slots, shared.seq_len, layout=shared, cache_rows=cache_rows)
         if step and self.attend_whole_cache:
             num_keys = self.model.model.layers[0].self_attn.kv_cache.k.shape[1]
         else:
             num_keys = max(first + width for first in first_rows)
         positions, slots, mask = (t.to(self.device) for t in pass_inputs(layouts, first_rows, width, num_keys))
-        return model(tokens, positions, mask, slots, num_keys)
-
-    def _prefill(self, prompts, extra_tokens: list[int], layouts):
-        rows = [p + extra_tokens for p in prompts]
-        width = max(map(len, rows))
-        padded = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=self.device)
-        return self._forward(padded, layouts, [0] * len(prompts), step=False)
+        return model(ids, positions, mask, slots, num_keys, cache_rows=cache_rows)
 
     def _emit(self, stop, stats, tokens_per_row, started):
         """Applies the stop rule (finished rows get []); returns (final tokens per row, rows still generating)."""
@@ -276,38 +319,34 @@ class Decoder:
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         rows = torch.arange(len(prompts), device=self.device)
         prefill = [TiDARLayout.for_prefill(len(p), block) for p in prompts]
-        logits = self._prefill(prompts, [mask_id] * block, prefill)
-        first_block = logits[rows[:, None], block_rows_index(prefill, 0, self.device)]  # [b, B, V]
-        # The first token: the prompt's last AR row, and the block's slot 0, which drafts the same position.
-        token, _ = select(mixed_logits(logits[rows, lengths - 1], first_block[:, 0], beta), sampling, generator)
-        drafts, draft_probs = select(first_block[:, 1:], sampling, generator)
-        prefix, pending = lengths, torch.cat([token[:, None], drafts], dim=1)   # prefix m, pending [b, B]
+        logits = self.forward_pass(self.padded([p + [mask_id] * block for p in prompts]), prefill, [0] * len(prompts))
+        first_block = logits[rows[:, None], torch.stack([l.full_block_rows[0] for l in prefill]).to(self.device)]
+        pending, draft_probs = first_token_and_drafts(logits[rows, lengths - 1], first_block, beta, sampling,
+                                                      generator)                  # pending [b, B]
+        prefix = lengths                                                            # prefix m
         stats.sequence_passes += len(prompts)
-        emitted, active = self._emit(stop, stats, [[t] for t in token.tolist()], started)
+        emitted, active = self._emit(stop, stats, [[t] for t in pending[:, 0].tolist()], started)
         yield StreamStep(emitted, prefix.tolist(), stats)
         # A pass's rows relative to its first (the prefix only shifts them): the pending block, then block
         # a - 1 for acceptance length a = 1..B, which starts right after the a kept tokens.
         step_layout = TiDARLayout.for_decoding(0, block)
-        groups = torch.stack([block_rows_index([step_layout], j, self.device)[0] for j in range(block)])  # [B, B]
+        groups = step_layout.full_block_rows.to(self.device)                       # [B, B]
         masks = torch.full((len(prompts), step_layout.seq_len - step_layout.clean_len), mask_id, device=self.device)
         while active.any():
             started = time.perf_counter()
             layouts = [TiDARLayout.for_decoding(m, block) for m in prefix.tolist()]
-            logits = self._forward(torch.cat([pending, masks], dim=1), layouts, prefix.tolist(), step=True)
-            # Row i of the pending block predicts position m + i + 1, as does slot 0 of group i + 1.
-            target_logits = mixed_logits(logits[:, :block], logits[:, groups[:, 0]], beta)
-            accepted, token = verify_drafts(target_logits, pending[:, 1:], draft_probs, sampling, generator)
-            chosen_block = logits[rows[:, None], groups[accepted - 1]]        # its slot 0 drafts `token`
-            drafts, new_draft_probs = select(chosen_block[:, 1:], sampling, generator)
+            logits = self.forward_pass(torch.cat([pending, masks], dim=1), layouts, prefix.tolist(), step=True)
+            accepted, next_pending, new_draft_probs = verify_and_redraft(logits, pending, draft_probs, groups, beta,
+                                                                        sampling, generator)
             kept, accepted_list = pending.tolist(), accepted.tolist()
-            new = [kept[i][1:a] + [t] for i, (a, t) in enumerate(zip(accepted_list, token.tolist()))]
+            new = [kept[i][1:a] + [t] for i, (a, t) in enumerate(zip(accepted_list, next_pending[:, 0].tolist()))]
             for a, generating in zip(accepted_list, active.tolist()):
                 stats.acceptance_histogram[a - 1] += generating
             stats.sequence_passes += int(active.sum())
             emitted, active = self._emit(stop, stats, new, started)
             # Sequences that just finished keep their last state, so later passes stay inside the cache.
             prefix = torch.where(active, prefix + accepted, prefix)
-            pending = torch.where(active[:, None], torch.cat([token[:, None], drafts], dim=1), pending)
+            pending = torch.where(active[:, None], next_pending, pending)
             if draft_probs is not None:
                 draft_probs = torch.where(active[:, None, None], new_draft_probs, draft_probs)
             yield StreamStep(emitted, prefix.tolist(), stats)
@@ -316,7 +355,8 @@ class Decoder:
         started = time.perf_counter()
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         rows = torch.arange(len(prompts), device=self.device)
-        logits = self._prefill(prompts, [], [TiDARLayout.causal(len(p)) for p in prompts])
+        logits = self.forward_pass(self.padded(prompts), [TiDARLayout.causal(len(p)) for p in prompts],
+                                   [0] * len(prompts))
         token, _ = select(logits[rows, lengths - 1], sampling, generator)
         prefix = lengths  # slot of the next token to feed
         stats.sequence_passes += len(prompts)
@@ -325,7 +365,7 @@ class Decoder:
         while active.any():
             started = time.perf_counter()
             layouts = [TiDARLayout.causal(m + 1) for m in prefix.tolist()]
-            logits = self._forward(token[:, None], layouts, prefix.tolist(), step=True)
+            logits = self.forward_pass(token[:, None], layouts, prefix.tolist(), step=True)
             next_token, _ = select(logits[:, 0], sampling, generator)
             stats.sequence_passes += int(active.sum())
             emitted, active = self._emit(stop, stats, [[t] for t in next_token.tolist()], started)

@@ -24,6 +24,11 @@ from tidar_megatron.inference.sampling import SamplingConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    """A --dtype choice, or the default for the device: bfloat16 on GPU, float32 on CPU."""
+    return DTYPES[name] if name else (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tidar-megatron generate", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face directory (config.json + safetensors)")
@@ -79,9 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise HFCheckpointNotFound(f"--model {model_dir}: not found; {NOT_A_MODEL_DIR}")
     tokenizer = load_tokenizer(model_dir) if args.prompt else None
     prompts = [tokenizer.encode(t) for t in args.prompt] if tokenizer else [parse_ids(t) for t in args.prompt_ids]
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda")
-                                                   else torch.float32)
-    decoder = Decoder.from_pretrained(model_dir, dtype, args.device, args.mask_token_id, args.block_size,
+    decoder = Decoder.from_pretrained(model_dir, resolve_dtype(args.dtype, args.device), args.device, args.mask_token_id, args.block_size,
                                       args.compile, args.attention, args.beta)
     sampling = SamplingConfig(args.temperature, args.top_p)
     generated = [[] for _ in prompts]

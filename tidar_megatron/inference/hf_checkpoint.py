@@ -6,7 +6,7 @@ tests against transformers compare two independent implementations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -26,14 +26,6 @@ from tidar_megatron.inference.model import ModelArgs, Transformer, rope_inverse_
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
-@dataclass(frozen=True)
-class TiDARFields:
-    """The decoding settings an exported checkpoint carries besides the architecture."""
-    mask_token_id: int | None
-    draft_block_size: int | None
-    eos_token_ids: tuple[int, ...]
-
-
 def model_args(hf: HFConfig, source: str = "config.json") -> ModelArgs:
     """The decoder's architecture from the shared config.json reading (convert/hf_config.py)."""
     if hf.sliding_window:
@@ -41,11 +33,8 @@ def model_args(hf: HFConfig, source: str = "config.json") -> ModelArgs:
     if hf.rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedHFCheckpoint(f"{source}: rope_type {hf.rope_type!r} is not supported by the TiDAR decoder "
                             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-    return ModelArgs(
-        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
-        num_layers=hf.num_layers, num_heads=hf.num_heads, num_kv_heads=hf.num_kv_heads, head_dim=hf.head_dim,
-        rms_norm_eps=hf.rms_norm_eps, rope_theta=hf.rope_theta, rope_scaling=hf.rope_scaling,
-        attention_bias=hf.attention_bias, qk_norm=hf.qk_norm, tie_word_embeddings=hf.tie_word_embeddings)
+    # ModelArgs' fields are named as the shared reading names them: the architecture carries over as is.
+    return ModelArgs(**{f.name: getattr(hf, f.name) for f in fields(ModelArgs)})
 
 
 def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -63,7 +52,9 @@ def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
 
 
-def load_hf_model(model_dir: str | Path, dtype=torch.float32, device="cpu") -> tuple[Transformer, TiDARFields]:
+def load_hf_model(model_dir: str | Path, dtype=torch.float32, device="cpu") -> tuple[Transformer, HFConfig]:
+    """The decoder with the checkpoint's weights, and the config it was read with (tidar_* fields, EOS ids,
+    chat template, context length)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise HFCheckpointNotFound(f"{model_dir}: not found; {NOT_A_MODEL_DIR}")
@@ -84,5 +75,4 @@ def load_hf_model(model_dir: str | Path, dtype=torch.float32, device="cpu") -> t
         model.lm_head.weight = model.model.embed_tokens.weight  # to_empty breaks the tie; restore it
     # Meta-device buffers hold no values, and `.to(dtype)` would round RoPE's frequencies: recompute in fp32.
     model.inv_freq = rope_inverse_frequencies(args).to(device)
-    fields = TiDARFields(hf.tidar_mask_token_id, hf.tidar_draft_block_size, hf.eos_token_ids)
-    return model.eval(), fields
+    return model.eval(), hf

@@ -109,8 +109,8 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache_slots is not None:
             self.kv_cache.write(cache_slots, k, v, cache_rows)
-            if cache_rows is None:
-                k, v = self.kv_cache.k[:, :num_keys], self.kv_cache.v[:, :num_keys]
+            if cache_rows is None:  # rows 0..b-1: a view, no copy
+                k, v = self.kv_cache.k[:b, :num_keys], self.kv_cache.v[:b, :num_keys]
             else:
                 k, v = self.kv_cache.k[cache_rows, :num_keys], self.kv_cache.v[cache_rows, :num_keys]
         if layout is not None:  # the Triton kernel: tiles from the layout's rule, no dense mask

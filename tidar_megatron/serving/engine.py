@@ -24,8 +24,8 @@ from typing import Callable
 
 import torch
 
-from tidar_megatron.inference.decoding import Decoder, block_rows_index, mixed_logits, pass_inputs
-from tidar_megatron.inference.sampling import SamplingConfig, select, verify_drafts
+from tidar_megatron.inference.decoding import Decoder, clip_at_stop, first_token_and_drafts, verify_and_redraft
+from tidar_megatron.inference.sampling import SamplingConfig, select
 from tidar_megatron.layout import TiDARLayout
 
 
@@ -65,23 +65,24 @@ class _Sequence:
 
 
 class Engine:
-    def __init__(self, decoder: Decoder, tokenizer, mode: str = "tidar", block_size: int | None = None,
-                 beta: float | None = None, max_batch: int = 8, max_model_len: int = 2048, metrics=None):
+    """Serves `decoder`'s model with its block size, beta and EOS ids; `metrics`: a serving.metrics.Metrics."""
+
+    def __init__(self, decoder: Decoder, tokenizer, mode: str = "tidar", max_batch: int = 8,
+                 max_model_len: int = 2048, metrics=None):
         self.decoder, self.model, self.tokenizer = decoder, decoder.model, tokenizer
-        self.mode, self.beta = mode, decoder.beta if beta is None else beta
-        self.block = (block_size or decoder.block_size) if mode == "tidar" else 1
+        self.mode, self.beta = mode, decoder.beta
+        self.block = decoder.block_size if mode == "tidar" else 1
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.device = decoder.device
         self.eos = set(decoder.eos_token_ids)
         self.metrics = metrics
-        step_layout = TiDARLayout.for_decoding(0, self.block) if mode == "tidar" else TiDARLayout.causal(1)
-        self.pass_width = step_layout.seq_len - step_layout.clean_len if mode == "tidar" else 1
-        self.capacity = max_model_len + step_layout.seq_len + self.block  # cache slots per row
-        self.model.setup_kv_cache(max_batch, self.capacity)
+        # A pass's rows relative to its first, the prefix only shifts them (decoding.py's module docstring).
+        self.step_layout = TiDARLayout.for_decoding(0, self.block) if mode == "tidar" else TiDARLayout.causal(1)
+        self.capacity = max_model_len + self.step_layout.seq_len  # cache slots per row
+        decoder.model.setup_kv_cache(max_batch, self.capacity)
         if mode == "tidar":
-            self.groups = torch.stack([block_rows_index([step_layout], j, self.device)[0]
-                                       for j in range(self.block)])      # [B, B] rows of group j + 1
-            self.masks = [decoder.mask_token_id] * (step_layout.seq_len - step_layout.clean_len)
+            self.groups = self.step_layout.full_block_rows.to(self.device)  # [B, B] rows of group a - 1
+            self.masks = [decoder.mask_token_id] * (self.step_layout.seq_len - self.step_layout.clean_len)
         self.free_rows = list(range(max_batch))
         self.waiting: deque[Request] = deque()
         self.active: dict[int, _Sequence] = {}
@@ -169,72 +170,67 @@ class Engine:
             self.metrics.observe_engine(self)
 
     def _prefill(self, request: Request, row: int):
-        prompt, block = request.prompt_ids, self.block
-        layout = (TiDARLayout.for_prefill(len(prompt), block) if self.mode == "tidar"
-                  else TiDARLayout.causal(len(prompt)))
-        tokens = prompt + (self.masks[:block] if self.mode == "tidar" else [])
-        logits = self._forward([row], [tokens], [layout], [0])[0]
+        prompt, n = request.prompt_ids, len(request.prompt_ids)
+        if self.mode == "tidar":
+            layout = TiDARLayout.for_prefill(n, self.block)
+            tokens = prompt + self.masks[:layout.seq_len - layout.clean_len]
+        else:
+            layout, tokens = TiDARLayout.causal(n), prompt
+        logits = self._forward([row], [tokens], [layout], [0])
         generator = None
         if not request.sampling.greedy:  # each sequence has its own sampler: seeded, or from entropy
             generator = torch.Generator(self.device)
             generator.manual_seed(request.seed) if request.seed is not None else generator.seed()
-        sampling, n = request.sampling, len(prompt)
         if self.mode == "tidar":
-            first_block = logits[n:n + block]  # its slot 0 drafts the token the prompt's last row predicts
-            token, _ = select(mixed_logits(logits[n - 1:n], first_block[None, :1][:, 0], self.beta), sampling,
-                              generator)
-            drafts, draft_probs = select(first_block[None, 1:], sampling, generator)
-            pending, probs = [int(token)] + drafts[0].tolist(), None if draft_probs is None else draft_probs[0]
+            first_block = logits[:, layout.full_block_rows[0].to(self.device)]
+            pending, probs = first_token_and_drafts(logits[:, n - 1], first_block, self.beta, request.sampling,
+                                                    generator)
+            probs = None if probs is None else probs[0]
         else:
-            token, _ = select(logits[n - 1:n], sampling, generator)
-            pending, probs = [int(token)], None
-        seq = _Sequence(request, row, n, pending, probs, generator)
+            pending, probs = select(logits[:, n - 1], request.sampling, generator)[0][:, None], None
+        seq = _Sequence(request, row, n, pending[0].tolist(), probs, generator)
         self.active[request.id] = seq
-        self._emit(seq, [int(token)])
+        self._emit(seq, seq.pending[:1])
 
     def _decode(self, seqs: list[_Sequence]):
-        block = self.block
+        seqs = sorted(seqs, key=lambda s: s.row)  # rows 0..n-1 in order need no gather from the cache
         if self.mode == "tidar":
-            layouts = [TiDARLayout.for_decoding(s.prefix, block) for s in seqs]
+            layouts = [TiDARLayout.for_decoding(s.prefix, self.block) for s in seqs]
             tokens = [s.pending + self.masks for s in seqs]
         else:
             layouts = [TiDARLayout.causal(s.prefix + 1) for s in seqs]
             tokens = [s.pending for s in seqs]
         logits = self._forward([s.row for s in seqs], tokens, layouts, [s.prefix for s in seqs])
-        for seq, row_logits in zip(seqs, logits):
-            seq.passes += 1
-            sampling, generator = seq.request.sampling, seq.generator
+        # Greedy sequences share one call (no sampler to keep apart); each sampled one draws from its own.
+        greedy = [i for i, s in enumerate(seqs) if s.generator is None]
+        groups = ([greedy] if greedy else []) + [[i] for i, s in enumerate(seqs) if s.generator is not None]
+        for group in groups:
+            first = seqs[group[0]]
+            sampling, generator = first.request.sampling, first.generator
             if self.mode == "ar":
-                token, _ = select(row_logits[:1], sampling, generator)
-                seq.prefix += 1
-                seq.pending = [int(token)]
-                self._emit(seq, [int(token)])
+                token, _ = select(logits[group, 0], sampling, generator)
+                for seq, t in zip((seqs[i] for i in group), token.tolist()):
+                    seq.passes, seq.prefix, seq.pending = seq.passes + 1, seq.prefix + 1, [t]
+                    self._emit(seq, [t])
                 continue
-            # As in Decoder: row i of the pending block and slot 0 of group i + 1 predict position m + i + 1.
-            target = mixed_logits(row_logits[None, :block], row_logits[None, self.groups[:, 0]], self.beta)
-            pending = torch.tensor([seq.pending[1:]], device=self.device)
-            probs = None if seq.draft_probs is None else seq.draft_probs[None]
-            accepted, token = verify_drafts(target, pending, probs, sampling, generator)
-            a, token = int(accepted), int(token)
-            drafts, draft_probs = select(row_logits[self.groups[a - 1]][None, 1:], sampling, generator)
-            new = seq.pending[1:a] + [token]
-            if self.metrics is not None:
-                self.metrics.accepted(a)
-            seq.prefix += a
-            seq.pending = [token] + drafts[0].tolist()
-            seq.draft_probs = None if draft_probs is None else draft_probs[0]
-            self._emit(seq, new)
+            pending = torch.tensor([seqs[i].pending for i in group], device=self.device)
+            probs = None if first.draft_probs is None else first.draft_probs[None]
+            accepted, next_pending, draft_probs = verify_and_redraft(logits[group], pending, probs, self.groups,
+                                                                     self.beta, sampling, generator)
+            for k, (a, nxt) in enumerate(zip(accepted.tolist(), next_pending.tolist())):
+                seq = seqs[group[k]]
+                new = seq.pending[1:a] + nxt[:1]
+                if self.metrics is not None:
+                    self.metrics.accepted(a)
+                seq.passes, seq.prefix, seq.pending = seq.passes + 1, seq.prefix + a, nxt
+                seq.draft_probs = None if draft_probs is None else draft_probs[k]
+                self._emit(seq, new)
 
     def _forward(self, rows: list[int], tokens: list[list[int]], layouts: list[TiDARLayout], first: list[int]):
         """One forward over the given cache rows: logits [n, width, V] of each sequence's rows."""
-        width = max(map(len, tokens))
-        num_keys = max(f + width for f in first)
-        positions, slots, mask = (t.to(self.device) for t in pass_inputs(layouts, first, width, num_keys))
-        ids = torch.tensor([t + [t[-1]] * (width - len(t)) for t in tokens], device=self.device)
-        cache_rows = torch.tensor(rows, device=self.device)
         if self.metrics is not None:
             self.metrics.forward_pass()
-        return self.model(ids, positions, mask, slots, num_keys, cache_rows=cache_rows)
+        return self.decoder.forward_pass(self.decoder.padded(tokens), layouts, first, cache_rows=rows)
 
     # --- making tokens final ---------------------------------------------------------------------------
     def _emit(self, seq: _Sequence, tokens: list[int]):
@@ -243,14 +239,7 @@ class Engine:
             seq.first_token_at = time.perf_counter()
             if self.metrics is not None:
                 self.metrics.first_token(seq.first_token_at - request.arrived)
-        finish = None
-        room = request.max_tokens - len(seq.generated)
-        if len(tokens) >= room:
-            tokens, finish = tokens[:room], "length"
-        for i, t in enumerate(tokens):
-            if t in self.eos:
-                tokens, finish = tokens[:i + 1], "stop"
-                break
+        tokens, finish = clip_at_stop(tokens, request.max_tokens - len(seq.generated), self.eos)
         seq.generated += tokens
         shown = [t for t in seq.generated if t not in self.eos]  # the completion's text leaves out EOS
         text = self.tokenizer.decode(shown) if self.tokenizer is not None else ""
@@ -258,7 +247,7 @@ class Engine:
             cut = text.find(stop)
             if stop and cut >= 0:
                 text, finish = text[:cut], "stop"
-        if finish is None and seq.prefix + self.pass_width + self.block > self.capacity:
+        if finish is None and seq.prefix + self.step_layout.seq_len > self.capacity:
             finish = "length"  # only reached by callers that skip the API's length check
         if finish is None:  # hold back what a stop string or a half-decoded character may still change
             text = _settled(text, request.stop)
@@ -270,7 +259,7 @@ class Engine:
         if finish is not None:
             self._finish(seq)
             if self.metrics is not None:
-                self.metrics.finished(request, usage, time.perf_counter() - request.arrived)
+                self.metrics.finished(usage, time.perf_counter() - request.arrived)
         request.on_event(Event(tokens, delta, finish, usage))
 
     def _finish(self, seq: _Sequence):

@@ -38,7 +38,7 @@ class Metrics:
     def first_token(self, seconds: float):
         self.first_token_latency.observe(seconds)
 
-    def finished(self, request, usage: dict, seconds: float):
+    def finished(self, usage: dict, seconds: float):
         self.prompt_tokens.inc(usage["prompt_tokens"])
         self.generation_tokens.inc(usage["completion_tokens"])
         self.sequence_passes.inc(usage["forward_passes"])

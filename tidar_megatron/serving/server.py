@@ -22,18 +22,16 @@ import uvicorn
 
 from tidar_megatron.console import entry_point
 from tidar_megatron.errors import TiDARError
+from tidar_megatron.inference.generate import DTYPES, resolve_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: float = 1.0, max_batch: int = 8,
           max_model_len: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
           served_name: str | None = None):
     """(FastAPI app, engine) for an exported directory; start the engine before serving."""
-    from tidar_megatron.convert.hf_config import read_hf_config
     from tidar_megatron.inference.decoding import Decoder
     from tidar_megatron.inference.generate import load_tokenizer
-    from tidar_megatron.inference.hf_checkpoint import load_weights
     from tidar_megatron.serving.app import create_app
     from tidar_megatron.serving.engine import Engine
     from tidar_megatron.serving.metrics import Metrics
@@ -45,7 +43,7 @@ def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: f
     if mode == "tidar" and (decoder.block_size is None or decoder.mask_token_id is None or decoder.block_size < 2):
         raise TiDARError(f"{model_dir}: TiDAR decoding needs tidar_mask_token_id and tidar_draft_block_size in "
                          "config.json (or --block-size), or use --mode ar")
-    hf = read_hf_config(model_dir, set(load_weights(model_dir)))
+    hf = decoder.checkpoint_config
     max_model_len = max_model_len or hf.max_position_embeddings or 2048
     if max_batch < 1 or max_model_len < 2:
         raise TiDARError("--max-batch must be >= 1 and --max-model-len >= 2")
@@ -53,8 +51,8 @@ def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: f
         tokenizer = load_tokenizer(model_dir)
     except TiDARError:
         tokenizer = None  # token-id prompts only
-    metrics = Metrics(decoder.block_size if mode == "tidar" else 1)
-    engine = Engine(decoder, tokenizer, mode, block_size, beta, max_batch, max_model_len, metrics)
+    engine = Engine(decoder, tokenizer, mode, max_batch, max_model_len)
+    engine.metrics = metrics = Metrics(engine.block)
     app = create_app(engine, tokenizer, served_name or model_dir.name, hf.chat_template, metrics)
     return app, engine
 
@@ -110,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
 
     a = build_parser().parse_args(argv)
-    dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if a.device.startswith("cuda") else torch.float32)
+    dtype = resolve_dtype(a.dtype, a.device)
     app, engine = build(a.model, a.mode, a.block_size, a.beta, a.max_batch, a.max_model_len, a.device, dtype,
                         a.served_model_name)
     engine.start()
