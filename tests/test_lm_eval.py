@@ -11,6 +11,7 @@ answers reach lm-eval's cache hook; degenerate output is flagged in the decoding
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -195,7 +196,8 @@ class LMEvalCommand:
         _, log = self.proc.communicate(timeout=600)
         assert self.proc.returncode == 0, textwrap.shorten(log[-3000:], 3000)
         results = json.loads(next(self.out.rglob("results_*.json")).read_text())
-        samples = {f.name.split("_2")[0]: [json.loads(line)["resps"] for line in f.read_text().splitlines()]
+        samples = {re.match(r"samples_(.+)_\d{4}-", f.name)[1]: [json.loads(line)["resps"] for line in
+                                                                  f.read_text().splitlines()]
                    for f in self.out.rglob("samples_*.jsonl")}
         return results, samples, log
 

@@ -8,12 +8,16 @@
 
 Model args: pretrained, mode (tidar | ar), block_size, beta, dtype (float32 | bfloat16 | float16), device,
 batch_size, max_length (default: config.json's max_position_embeddings, as lm-eval's `hf` model),
-max_gen_toks, add_bos_token.  `loglikelihood` and `loglikelihood_rolling` score with the pure causal mask
+max_gen_toks, add_bos_token.  A device the machine lacks falls back as in lm-eval's `hf` model (so the
+command line's default "cuda:0" runs on a CPU-only machine); `device` and `batch_size` in the model args win
+over lm-eval's --device and --batch_size.  `loglikelihood` and `loglikelihood_rolling` score with the pure causal mask
 in one pass (the paper's likelihood setting), tokenized exactly as lm-eval's `hf` model tokenizes (the same
 `transformers` tokenizer and lm-eval's own pair / rolling-window encoding), so the two give the same
 numbers on an exported checkpoint.  `generate_until` decodes greedily (or samples, with do_sample) in
-batches with the stack's decoder, stops at the task's `until` strings and EOS, and counts forward passes:
-tokens per pass and the acceptance histogram are recorded in the results under config.tidar_decoding.
+batches of equal generation settings with the stack's decoder, stops at the task's `until` strings and EOS,
+and counts forward passes: tokens per pass, the acceptance histogram and the repetition of the generated text
+(repetition.py) are recorded in the results under config.tidar_decoding.  Every answer goes to lm-eval's
+cache hook as it is made (--use_cache).
 
 Code tasks: lm-eval's built-in HumanEval / MBPP metrics download `code_eval` from a hub; point a task's
 `process_results` at `code_pass_at_1` (from a utils.py beside the task YAML) to score completions with the
@@ -72,7 +76,7 @@ class TiDARLM(TemplateLM):
 
         if mode not in ("tidar", "ar"):
             raise ValueError(f"mode must be tidar or ar, got {mode!r}")
-        check_exported(pretrained, "--model_args pretrained")
+        check_exported(pretrained, f"pretrained={pretrained}")
         device = resolve_device(device)
         self.decoder = Decoder.from_pretrained(pretrained, DTYPES[dtype], device,
                                                block_size=int(block_size) if block_size else None, beta=float(beta))

@@ -66,11 +66,13 @@ def load_tokenizer(model_dir: Path):
                         "pass token ids with --prompt-ids instead")
 
 
-def check_exported(model_dir, option: str = "--model"):
-    """A training checkpoint given where an exported directory belongs: say how to export it."""
+def check_exported(model_dir, given: str | None = None):
+    """A training checkpoint given where an exported directory belongs: say how to export it.  `given`: how the
+    user passed it (default `--model <dir>`)."""
     path = Path(model_dir)
     if (path / "latest").is_file() or (path / "metadata.json").is_file() or any(path.glob("iter_[0-9]*")):
-        raise HFCheckpointNotFound(f"{option} {path} is a training checkpoint, not an exported model: export it first, "
+        given = given or f"--model {path}"
+        raise HFCheckpointNotFound(f"{given} is a training checkpoint, not an exported model: export it first, "
                                    f"`tidar-megatron export --checkpoint {path} --output {path}-hf --tokenizer "
                                    "<the run's data.tokenizer>`, and pass the output directory")
 
