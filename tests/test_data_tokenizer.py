@@ -130,3 +130,24 @@ def test_train_tokenizer_command(tmp_path, capsys):
     assert tok.vocab_size == 400 and tok.decode(tok.encode(AWKWARD[0])) == AWKWARD[0]
     assert main(["--input", str(tmp_path / "nothing"), "--output", str(out)]) == 2
     assert "nothing: input not found" in capsys.readouterr().err
+
+
+def test_train_tokenizer_vocabulary_too_small_or_too_large_for_the_corpus(tmp_path, capsys):
+    from tidar_megatron.cli import main as cli
+    source = [str(p) for p in stdlib_sources("json")]
+    out = tmp_path / "tok.model"
+    assert cli(["train-tokenizer", "--input", *source, "--output", str(out), "--vocab-size", "100"]) == 2
+    err = capsys.readouterr().err
+    needed = int(err.split("alone take ")[1].split(";")[0])
+    assert err.startswith("tidar-megatron train-tokenizer: error: --vocab-size 100 is too small for this corpus")
+    assert err.count("\n") == 1 and not out.exists()
+    # The figure it names is the smallest that trains: SentencePiece accepts it and refuses one less.
+    assert cli(["train-tokenizer", "--input", *source, "--output", str(out), "--vocab-size", str(needed - 1)]) == 2
+    capsys.readouterr()
+    assert cli(["train-tokenizer", "--input", *source, "--output", str(out), "--vocab-size", str(needed)]) == 0
+    assert Tokenizer(str(out)).vocab_size == needed and "note:" not in capsys.readouterr().err
+    # More pieces than the corpus has: trained all the same, and it says how many it got.
+    assert cli(["train-tokenizer", "--input", *source, "--output", str(out), "--vocab-size", "200000"]) == 0
+    got = Tokenizer(str(out)).vocab_size
+    assert got < 200000 and f"asked for --vocab-size 200,000, but this corpus gives only {got:,} pieces" in \
+        capsys.readouterr().err

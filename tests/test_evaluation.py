@@ -9,11 +9,11 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-from tidar_megatron.evaluation import generation, likelihood, sandbox
+from tidar_megatron.evaluation import generation, likelihood, repetition, sandbox
 from tidar_megatron.evaluation.evaluate import main
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.hf_checkpoint import load_hf_model
-from tidar_megatron.testing import repetitive_corpus, trained_toy_checkpoint
+from tidar_megatron.testing import repetitive_corpus, save_weights, tiny_hf_checkpoint, trained_toy_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MASK, BLOCK, VOCAB = 127, 4, 128
@@ -93,6 +93,9 @@ def test_evaluate_command_reports_tidar_against_ar(trained, tmp_path, capsys):
         assert report["tokens_per_pass"] == pytest.approx(report["new_tokens"] / report["forward_passes"])
         assert report["speedup_vs_ar"] == pytest.approx(report["tokens_per_s"] / ar["tokens_per_s"])
     assert tidar[str(BLOCK)]["tokens_per_pass"] > 2.0 and ar["tokens_per_pass"] == 1.0
+    for report in [ar, *tidar.values()]:  # walks around a 64-token cycle: 16 new tokens never repeat
+        assert report["repetition"] == {"loop_fraction": 0.0, "distinct_1": 1.0, "distinct_2": 1.0, "degenerate": False}
+    assert "| 0% | 1.00 / 1.00 |" in stdout and "Degenerate" not in stdout
     assert results["tokens_per_pass"] == tidar["2"]["tokens_per_pass"]  # the first block size asked for
     assert "| TiDAR | 4 |" in stdout and "| AR | - | 1.00 |" in stdout
     assert (out.parent / "acceptance.png").stat().st_size and out.with_suffix(".md").is_file()
@@ -139,3 +142,111 @@ def test_prompts_file_forms(tmp_path):
     prompts = generation.read_prompts(file, tokenizer=None)
     assert [p.ids for p in prompts] == [[1, 2], [3]] and prompts[0].stop == ["\n"] and prompts[0].reference == "x"
     assert generation.completion_text([4, 5], None, ["5"]) == "4 "
+
+
+# --- repetition: degenerate text must not pass as a speed-up ------------------------------------------------
+def looped_by_brute_force(tokens: list[int]) -> list[bool]:
+    """repetition.loop_mask's rule checked token by token: for each period, grow the stretch of repeats around
+    the token both ways and test its length."""
+    n, out = len(tokens), [False] * len(tokens)
+    for i in range(n):
+        for p in range(1, repetition.MAX_PERIOD + 1):
+            if i < p or tokens[i] != tokens[i - p]:
+                continue
+            lo, hi = i, i
+            while lo - 1 >= p and tokens[lo - 1] == tokens[lo - 1 - p]:
+                lo -= 1
+            while hi + 1 < n and tokens[hi + 1] == tokens[hi + 1 - p]:
+                hi += 1
+            if hi - lo + 1 >= max((repetition.MIN_REPEATS - 1) * p, repetition.MIN_LOOP_TOKENS):
+                out[i] = True
+    return out
+
+
+def test_loop_mask_equals_brute_force_on_planted_loops():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        pieces = []
+        for _ in range(int(torch.randint(1, 6, (1,), generator=g))):
+            pieces += torch.randint(0, 6 if trial % 2 else 50, (int(torch.randint(0, 30, (1,), generator=g)),),
+                                    generator=g).tolist()
+            period, times = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+            pieces += torch.randint(0, 50, (period,), generator=g).tolist() * times   # a planted loop
+        assert repetition.loop_mask(pieces).tolist() == looped_by_brute_force(pieces), pieces
+
+
+def test_repetition_flags_one_token_and_short_loops_not_real_code(corpus):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    newline_only = repetition.measure([[7] * 48] * 3)
+    assert newline_only == {"loop_fraction": 47 / 48, "distinct_1": 1 / 48, "distinct_2": 1 / 47, "degenerate": True}
+    assert repetition.measure([[5, 9, 12, 9] * 12])["degenerate"]                      # a phrase over and over
+    assert repetition.measure([list(range(40)) + [3] * 8])["loop_fraction"] == 0.0      # 8 equal tokens: 7 repeats
+    assert repetition.measure([[1, 2, 1, 2]]) == {"loop_fraction": 0.0, "distinct_1": 0.5, "distinct_2": 2 / 3,
+                                                       "degenerate": False}
+    assert repetition.measure([]) == {"loop_fraction": 0.0, "distinct_1": 1.0, "distinct_2": 1.0, "degenerate": False}
+    # Real source code (the standard library, tokenized) in 48-token completions: varied text.
+    documents = IndexedDataset(corpus["prefix"])
+    samples = [documents[d][start:start + 48].tolist() for d in range(len(documents))
+               for start in range(0, len(documents[d]) - 48, 480)]
+    healthy = repetition.measure(samples)
+    assert len(samples) > 100 and healthy["loop_fraction"] < 0.05 and not healthy["degenerate"], healthy
+    assert healthy["distinct_1"] > 0.5 and repetition.degenerate_note(healthy, 7.5, "TiDAR") is None
+
+
+def test_evaluate_says_when_tokens_per_pass_come_from_degenerate_output(tmp_path, capsys):
+    """A model that emits one token forever: its drafts are always right, so tokens per pass nears the block
+    size.  The report flags the text beside T/NFE and says in words that the figure is no speed-up."""
+    path = tmp_path / "constant"
+    tiny_hf_checkpoint(path, "qwen2", tidar_mask_token_id=MASK, tidar_draft_block_size=BLOCK, eos_token_id=None)
+    model, _ = load_hf_model(path)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: greedy decoding picks token 0, again and again
+    save_weights(model, path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt_ids": [3 + i, 40 + i, 9]}) for i in range(3)) + "\n")
+    out = tmp_path / "results.json"
+    assert main(["--model", str(path), "--prompts", str(prompts), "--max-new-tokens", "32", "--output", str(out),
+                 "--device", "cpu", "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    generation = json.loads(out.read_text())["generation"]
+    assert all(sample["ar"] == " ".join(["0"] * 32) for sample in generation["samples"])
+    tidar = generation["tidar"][str(BLOCK)]
+    assert tidar["tokens_per_pass"] > 3.0  # the figure that used to pass as a speed-up
+    for report in (generation["ar"], tidar):
+        assert report["repetition"] == {"loop_fraction": 31 / 32, "distinct_1": 1 / 32, "distinct_2": 1 / 31,
+                                        "degenerate": True}
+    assert "| 97% (degenerate) | 0.03 / 0.03 |" in stdout
+    assert f"**Degenerate output.** TiDAR block {BLOCK}'s {tidar['tokens_per_pass']:.2f} tokens per pass come from " \
+           "degenerate output: 97% of the generated tokens repeat a loop" in stdout
+    assert "says nothing about decoding real text" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_an_ar_objective_export_decoded_in_tidar_mode_is_flagged(corpus, tmp_path, capsys):
+    """The reported case: a checkpoint trained with `tidar.objective: ar` (its mask-token rows never trained),
+    exported and decoded in TiDAR mode, repeats itself; evaluate must say so rather than report a speed-up."""
+    import subprocess
+    import sys
+
+    run = [sys.executable, "-m", "tidar_megatron"]
+    train = run + ["train", "--config", "tiny", "--tidar.objective", "ar", "--data.blend", corpus["prefix"],
+                   "--data.tokenizer", corpus["tokenizer"], "--data.split", "90,10,0", "--train.train_steps", "30",
+                   "--train.eval_interval", "30", "--train.eval_iters", "1", "--log.wandb_mode", "disabled",
+                   "--checkpoint.dir", str(tmp_path / "ckpt")]
+    for command in (train, run + ["export", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf"),
+                                  "--tokenizer", corpus["tokenizer"]]):
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in (
+        "def parse_args(self, args=None):\n        ", "class Formatter:\n    def __init__(self, width):\n", "import ")))
+    out = tmp_path / "results.json"
+    assert main(["--model", str(tmp_path / "hf"), "--prompts", str(prompts), "--max-new-tokens", "48",
+                 "--output", str(out), "--device", "cpu", "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["block_sizes"] == [8]  # the tiny preset's block, read from the export
+    tidar = results["generation"]["tidar"]["8"]
+    assert tidar["repetition"]["degenerate"] and tidar["repetition"]["loop_fraction"] >= 0.5, tidar["repetition"]
+    assert f"**Degenerate output.** TiDAR block 8's {tidar['tokens_per_pass']:.2f} tokens per pass" in stdout

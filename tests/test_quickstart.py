@@ -37,6 +37,10 @@ def test_quickstart_pipeline(tmp_path):
     assert math.isfinite(summary["likelihood"]["ar_perplexity"])
     assert "tokens per forward pass" in printed and "Greedy TiDAR output equals greedy AR output for 100%" in printed
     assert "def fibonacci(n):" in printed  # the prompt is echoed with its completion
+    repetition = tidar["repetition"]  # beside T/NFE, and in words when the figure comes from degenerate text
+    assert set(repetition) == {"loop_fraction", "distinct_1", "distinct_2", "degenerate"}
+    assert f"{repetition['loop_fraction']:.0%} of the tokens repeat a loop" in printed
+    assert ("tokens per pass come from degenerate output" in printed) == repetition["degenerate"]
 
     transformers = pytest.importorskip("transformers")
     from tidar_megatron.inference.hf_checkpoint import load_hf_model

@@ -5,7 +5,8 @@
 3. train the `tiny` TiDAR model with Megatron-core on the CPU (gloo), with progress, and save a checkpoint,
 4. export it to a Hugging Face directory,
 5. evaluate it: held-out perplexity, then greedy TiDAR against greedy AR decoding on held-out prompts in one
-   run (tokens per forward pass, tokens/s of both, whether the outputs are identical).
+   run (tokens per forward pass, tokens/s of both, whether the outputs are identical, and whether the text
+   is degenerate: a model repeating itself makes many tokens per pass that are no speed-up).
 Finished stages are reused, so a rerun continues where it stopped; a finished quickstart is reported as is.
 """
 
@@ -130,7 +131,7 @@ def export_and_evaluate(out: Path, tok_path: Path, heldout: list[str], heldout_p
                         tidar_cfg, steps_tokens: int) -> dict:
     from tidar_megatron import convert
     from tidar_megatron.data.tokenizer import Tokenizer
-    from tidar_megatron.evaluation import generation, likelihood
+    from tidar_megatron.evaluation import generation, likelihood, repetition
     from tidar_megatron.inference.decoding import Decoder
 
     hf_dir = out / "hf"
@@ -148,6 +149,8 @@ def export_and_evaluate(out: Path, tok_path: Path, heldout: list[str], heldout_p
     report = generation.compare(decoder, prompts, tokenizer, 48, [tidar_cfg.draft_block_size])
     tidar, ar = report["tidar"][tidar_cfg.draft_block_size], report["ar"]
     completion = report["samples"][0]["tidar"][tidar_cfg.draft_block_size]
+    rep = tidar["repetition"]
+    note = repetition.degenerate_note(rep, tidar["tokens_per_pass"], "TiDAR")
     lines = [
         f"Prompt and TiDAR completion (greedy):\n{PROMPT}{completion}",
         "",
@@ -158,6 +161,8 @@ def export_and_evaluate(out: Path, tok_path: Path, heldout: list[str], heldout_p
         f"{tidar['tokens_per_s']:.0f} tokens/s against AR's {ar['tokens_per_s']:.0f} ({tidar['speedup_vs_ar']:.2f}x).",
         f"  Greedy TiDAR output equals greedy AR output for {tidar['greedy_identical_fraction']:.0%} of the prompts "
         "(TiDAR verifies every draft with the AR head, so this is 100% by construction).",
+        f"  Generated text: {rep['loop_fraction']:.0%} of the tokens repeat a loop; distinct-1 {rep['distinct_1']:.2f}, "
+        f"distinct-2 {rep['distinct_2']:.2f}" + (f".\n  {note}" if note else " (varied text, not degenerate)."),
         f"  For scale: the paper reaches 7.45 tokens per pass and 4.71x AR speed at 1.5B parameters after 50B "
         f"tokens; this {sum(p.numel() for p in decoder.model.parameters()) / 1e6:.1f}M-parameter model saw "
         f"{steps_tokens / 1e6:.1f}M tokens and {_acceptance_words(tidar)}.",

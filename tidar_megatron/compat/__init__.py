@@ -1,7 +1,8 @@
-"""Everything that works around megatron-core (and torch) behaviour, in one place.
+"""Everything that works around megatron-core (and torch, lm-eval) behaviour, in one place.
 
     cpu.py              megatron-core's real code paths on a machine without CUDA
     megatron_patches.py gaps of megatron-core 0.19's distributed optimizer and async checkpointing
+    lm_eval_harness.py  lm-eval 0.4.13 names that lm-eval does not publish
 
 Each workaround names the upstream version it was written against; remove it when that version is gone.
 """

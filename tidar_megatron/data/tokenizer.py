@@ -25,6 +25,8 @@ EOD_TOKEN = "<|endoftext|>"
 META_SPACE = "\u2581"  # SentencePiece's stand-in for ' '; a literal one in the text would decode as ' '
 _LINES = re.compile(r"\n|[^\n]+")
 _LINE_CACHE_MAX = 1 << 20  # entries; cleared when full
+# SentencePiece's refusal when the corpus's characters and the reserved pieces do not fit the vocabulary
+_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)")
 
 
 class TokenizerError(TiDARError):
@@ -254,7 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     files = find_inputs(args.input, args.glob)
     per_file = int(args.sample_mb * (1 << 20) / len(files))
-    train_sentencepiece(iter_texts(files, args.text_key, per_file), args.output, args.vocab_size,
-                        args.model_type, args.max_sentences, seed=args.seed)
-    print(repr(Tokenizer(args.output)), file=sys.stderr)
+    try:
+        train_sentencepiece(iter_texts(files, args.text_key, per_file), args.output, args.vocab_size,
+                            args.model_type, args.max_sentences, seed=args.seed)
+    except RuntimeError as e:  # SentencePiece's refusal, as a traceback of its C++ check
+        if needed := _TOO_SMALL.search(str(e)):
+            raise TokenizerError(f"--vocab-size {args.vocab_size} is too small for this corpus: its characters, the 256 "
+                                 f"byte pieces and the reserved tokens alone take {needed[1]}; ask for at least that "
+                                 "(32000 is usual)") from None
+        raise
+    tokenizer = Tokenizer(args.output)
+    print(repr(tokenizer), file=sys.stderr)
+    if tokenizer.vocab_size < args.vocab_size:  # hard_vocab_limit=False: SentencePiece stops when it runs out
+        print(f"note: asked for --vocab-size {args.vocab_size:,}, but this corpus gives only {tokenizer.vocab_size:,} "
+              f"pieces, so the tokenizer has {tokenizer.vocab_size:,}; train on more text for a larger vocabulary",
+              file=sys.stderr)
     return 0

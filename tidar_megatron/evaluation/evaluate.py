@@ -6,8 +6,10 @@
         [--block-size B [B ...]] [--beta BETA] [--device ...] [--dtype ...]
 
 Writes `results.json` (top-level keys include ar_nll, ar_perplexity, tokens_scored, and for the first block
-size tokens_per_pass, greedy_identical_fraction and speedup_vs_ar), a markdown table on stdout (also
-`results.md`), and `acceptance.png`: the acceptance histogram per block size.
+size tokens_per_pass, greedy_identical_fraction and speedup_vs_ar; every decoding report has `repetition`,
+evaluation/repetition.py), a markdown table on stdout (also `results.md`) that says in words when a
+tokens-per-pass figure comes from degenerate (looping) output, and `acceptance.png`: the acceptance histogram
+per block size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 from tidar_megatron.atomic import write_atomic
 from tidar_megatron.console import ProgressBar, entry_point
 from tidar_megatron.errors import TiDARError
-from tidar_megatron.inference.generate import DTYPES, resolve_dtype
+from tidar_megatron.evaluation import repetition
+from tidar_megatron.inference.generate import DTYPES, check_exported, resolve_dtype
 
 
 
@@ -40,6 +43,7 @@ def evaluate(model_dir, output, data: str | None = None, seq_length: int = 1024,
     if data is None and prompts is None:
         raise TiDARError("nothing to evaluate: give --data (likelihood) and/or --prompts (decoding)")
     output = Path(output)
+    check_exported(model_dir)
     decoder = Decoder.from_pretrained(model_dir, dtype, device, beta=beta)
     block_sizes = block_sizes or ([decoder.block_size] if decoder.block_size else [])
     if not block_sizes:
@@ -102,16 +106,27 @@ def markdown(results: dict) -> str:
         gen = results["generation"]
         ar = gen["ar"]
         extra = [k for k in ("exact_match", "pass@1") if k in ar]
-        header = ["mode", "block", "tokens per pass", "tokens/s", "vs AR", "greedy = AR", *extra]
+        header = ["mode", "block", "tokens per pass", "tokens/s", "vs AR", "greedy = AR", "loop fraction",
+                  "distinct-1 / -2", *extra]
         lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-        rows = [["AR", "-", f"{ar['tokens_per_pass']:.2f}", f"{ar['tokens_per_s']:.1f}", "1.00x", "-"]
-                + [f"{ar[k]:.3f}" for k in extra]]
+        rows = [["AR", "-", f"{ar['tokens_per_pass']:.2f}", f"{ar['tokens_per_s']:.1f}", "1.00x", "-",
+                 *_repetition_cells(ar)] + [f"{ar[k]:.3f}" for k in extra]]
+        notes = []  # plain words for every tokens-per-pass figure that comes from degenerate output
         for b, r in gen["tidar"].items():
             rows.append(["TiDAR", str(b), f"{r['tokens_per_pass']:.2f}", f"{r['tokens_per_s']:.1f}",
-                         f"{r['speedup_vs_ar']:.2f}x", f"{r['greedy_identical_fraction']:.0%}"]
-                        + [f"{r[k]:.3f}" for k in extra])
+                         f"{r['speedup_vs_ar']:.2f}x", f"{r['greedy_identical_fraction']:.0%}",
+                         *_repetition_cells(r)] + [f"{r[k]:.3f}" for k in extra])
+            if note := repetition.degenerate_note(r["repetition"], r["tokens_per_pass"], f"TiDAR block {b}"):
+                notes.append(f"**Degenerate output.** {note}")
         lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["", *notes] if notes else []
     return "\n".join(lines)
+
+
+def _repetition_cells(report: dict) -> list[str]:
+    rep = report["repetition"]
+    return [f"{rep['loop_fraction']:.0%}" + (" (degenerate)" if rep["degenerate"] else ""),
+            f"{rep['distinct_1']:.2f} / {rep['distinct_2']:.2f}"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,9 @@ Every prompt is decoded greedily at batch 1 (as the paper measures throughput), 
 TiDAR mode once per block size, so both modes see the same machine state.  Per block size the report has
 tokens per forward pass (T/NFE), the acceptance histogram, AR and TiDAR tokens/s and their ratio, and the
 fraction of prompts whose TiDAR output equals the AR output (1.0 is the lossless guarantee at beta = 1);
-with references, exact match; with tests, pass@1 from the sandboxed runner (sandbox.py).
+with references, exact match; with tests, pass@1 from the sandboxed runner (sandbox.py).  Every mode's
+report has `repetition` (repetition.py): how much of the generated text repeats a loop, and whether it is
+degenerate, in which case its tokens per pass is no evidence of speed.
 
 Prompts are JSONL, one object per line: {"prompt": text} or {"prompt_ids": [...]}, optionally
 "reference" (for exact match), "tests" (Python run after prompt + completion, for pass@1) and "stop" (strings
@@ -18,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tidar_megatron.errors import TiDARError
+from tidar_megatron.evaluation import repetition
 from tidar_megatron.evaluation.sandbox import run_tests
 from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.inference.generate import check_prompt_ids
 
 
 class PromptError(TiDARError, ValueError):
@@ -83,10 +87,8 @@ def completion_text(tokens: list[int], tokenizer, stop: list[str]) -> str:
 def compare(decoder: Decoder, prompts: list[Prompt], tokenizer, max_new_tokens: int, block_sizes: list[int],
             beta: float = 1.0, test_timeout: float = 10.0, progress=None) -> dict:
     """The report described in the module docstring: {"ar": {...}, "tidar": {B: {...}}, "samples": [...]}."""
-    vocab = decoder.model.args.vocab_size
-    for i, p in enumerate(prompts):
-        if max(p.ids) >= vocab:
-            raise PromptError(f"prompt {i + 1}: token id {max(p.ids)} is outside the model's vocabulary ({vocab})")
+    check_prompt_ids([p.ids for p in prompts], decoder.model.args.vocab_size,
+                     [f"prompt {i + 1}" for i in range(len(prompts))])
     ar = _Totals()
     tidar = {b: _Totals() for b in block_sizes}
     samples = []
@@ -116,6 +118,7 @@ class _Totals:
         self.tokens = self.passes = self.prompts = self.identical = 0
         self.seconds = 0.0
         self.histogram: list[int] = []
+        self.generated: list[list[int]] = []
         self.exact = self.with_reference = self.passed = self.with_tests = 0
 
     def add(self, generation, prompt: Prompt, tokenizer, test_timeout: float, identical: bool | None = None):
@@ -127,6 +130,7 @@ class _Totals:
         hist = stats.acceptance_histogram
         self.histogram = [a + b for a, b in zip(self.histogram, hist)] if self.histogram else list(hist)
         self.identical += bool(identical)
+        self.generated.append(generation.tokens[0])
         text = completion_text(generation.tokens[0], tokenizer, prompt.stop)
         if prompt.reference is not None:
             self.with_reference += 1
@@ -139,7 +143,8 @@ class _Totals:
     def report(self, tidar: bool) -> dict:
         out = {"prompts": self.prompts, "new_tokens": self.tokens, "forward_passes": self.passes,
                "tokens_per_pass": self.tokens / self.passes if self.passes else 0.0,
-               "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0, "seconds": self.seconds}
+               "tokens_per_s": self.tokens / self.seconds if self.seconds else 0.0, "seconds": self.seconds,
+               "repetition": repetition.measure(self.generated)}
         if tidar:
             out.update(acceptance_histogram=self.histogram,
                        greedy_identical_fraction=self.identical / self.prompts if self.prompts else 0.0)

@@ -4,8 +4,8 @@
         [--max-new-tokens N] [--temperature T] [--top-p P] [--block-size B] [--prompt-ids 1,2,3]
         [--attention sdpa|kernel]
 
-Prints the generated text as it is accepted (batch 1) or per prompt (several --prompt), then a summary:
-tokens/s, tokens per forward pass (T/NFE) and, for TiDAR, how many tokens each pass kept.
+Prints the generated text on stdout as it is accepted (batch 1) or per prompt (several --prompt), and a
+summary on stderr: tokens/s, tokens per forward pass (T/NFE) and, for TiDAR, how many tokens each pass kept.
 """
 
 from __future__ import annotations
@@ -66,6 +66,24 @@ def load_tokenizer(model_dir: Path):
                         "pass token ids with --prompt-ids instead")
 
 
+def check_exported(model_dir, given: str | None = None):
+    """A training checkpoint given where an exported directory belongs: say how to export it.  `given`: how the
+    user passed it (default `--model <dir>`)."""
+    path = Path(model_dir)
+    if (path / "latest").is_file() or (path / "metadata.json").is_file() or any(path.glob("iter_[0-9]*")):
+        given = given or f"--model {path}"
+        raise HFCheckpointNotFound(f"{given} is a training checkpoint, not an exported model: export it first, "
+                                   f"`tidar-megatron export --checkpoint {path} --output {path}-hf --tokenizer "
+                                   "<the run's data.tokenizer>`, and pass the output directory")
+
+
+def check_prompt_ids(prompts: list[list[int]], vocab_size: int, names: list[str]):
+    """Every id inside the model's vocabulary; `names[i]` says where prompt i came from."""
+    for ids, name in zip(prompts, names):
+        if bad := [t for t in ids if not 0 <= t < vocab_size]:
+            raise DecodingError(f"{name}: token id {bad[0]} is outside the model's vocabulary (ids 0..{vocab_size - 1})")
+
+
 def parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(",", " ").split()]
@@ -82,10 +100,13 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise HFCheckpointNotFound(f"--model {model_dir}: not found; {NOT_A_MODEL_DIR}")
+    check_exported(model_dir)
     tokenizer = load_tokenizer(model_dir) if args.prompt else None
     prompts = [tokenizer.encode(t) for t in args.prompt] if tokenizer else [parse_ids(t) for t in args.prompt_ids]
     decoder = Decoder.from_pretrained(model_dir, resolve_dtype(args.dtype, args.device), args.device, args.mask_token_id, args.block_size,
                                       args.compile, args.attention, args.beta)
+    names = [f"--prompt {t!r}" for t in args.prompt] if tokenizer else [f"--prompt-ids {t}" for t in args.prompt_ids]
+    check_prompt_ids(prompts, decoder.model.args.vocab_size, names)
     sampling = SamplingConfig(args.temperature, args.top_p)
     generated = [[] for _ in prompts]
     shown = ""
@@ -103,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for i, tokens in enumerate(generated):
             print(f"[{i}] " + (args.prompt[i] + tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens))))
-    print(f"--- {step.stats.summary()} device={args.device}")
+    print(f"--- {step.stats.summary()} device={args.device}", file=sys.stderr)
     return 0
 
 
