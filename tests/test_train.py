@@ -219,7 +219,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(corpus, tmp_path):
     run_on_ranks(1, _run_train, args)
     for shard in (tmp_path / "iter_0000003").glob("*.distcp"):
         shard.write_bytes(b"truncated")
-    history, _ = run_on_ranks(1, _run_train, args[:-4] + ["--train.train_steps", "4"])[0]
+    history, _ = run_on_ranks(1, _run_train, args[:-4] + ["--train.lr_warmup_steps", "0", "--train.train_steps", "4",
+                                                         "--checkpoint.lr_schedule", "config"])[0]
     assert [s for s, *_ in history] == [3, 4]  # resumed after step 2: step 3 is trained again
     assert "resumed at step 2" in (tmp_path / "train.log").read_text()
 
