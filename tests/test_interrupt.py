@@ -80,3 +80,11 @@ def test_ctrl_c_saves_and_exits_a_second_ctrl_c_aborts(corpus, tmp_path):
     code, output = second.finish()
     assert code == -signal.SIGINT, output  # ended by the signal's default action, wherever it was
     assert "saved step" not in output and (run_dir / "latest").read_text().strip() == f"iter_{saved:07d}"
+
+
+def test_every_preset_saves_periodically():
+    """What Ctrl-C cannot save (a crash, a kill) costs at most one interval, on every preset."""
+    from tidar_megatron.config import load_config, preset_names
+
+    intervals = {name: load_config(name).checkpoint.interval for name in preset_names()}
+    assert all(0 < interval <= 1000 for interval in intervals.values()), intervals

@@ -15,20 +15,18 @@ import sys
 import pytest
 import torch
 from multirank import run_on_ranks
+from test_train import L
+from test_train import _args as _train_args
 
 from tidar_megatron.config import load_config
 from tidar_megatron.training.resume_check import ResumeMismatch
 
-L, STEPS = 32, 4
+STEPS = 4
 
 
 def _args(corpus, run_dir, *extra):
-    return ["--model.vocab_size", str(corpus["vocab"]), "--tidar.mask_token_id", str(corpus["mask"]),
-            "--data.blend", corpus["prefix"], "--data.tokenizer", corpus["tokenizer"], "--data.split", "90,10,0",
-            "--train.seq_length", str(L), "--tidar.draft_block_size", "8", "--train.global_batch_size", "4",
-            "--train.micro_batch_size", "2", "--train.eval_interval", "0", "--train.lr_warmup_steps", "1",
-            "--train.log_interval", "1", "--checkpoint.dir", str(run_dir), "--checkpoint.interval", "2",
-            "--log.wandb_mode", "disabled", "--train.train_steps", str(STEPS), *extra]
+    return _train_args(corpus, run_dir, "--train.lr_warmup_steps", "1", "--train.log_interval", "1",
+                       "--checkpoint.interval", "2", "--train.train_steps", str(STEPS), *extra)
 
 
 def flip_bytes(checkpoint_dir, count=4096):
