@@ -29,9 +29,13 @@ class Run:
     def __init__(self, command, cwd):
         env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # conftest disables wandb for the suite
         env["OMP_NUM_THREADS"] = "1"
+        # Its own process group, which Ctrl-C in a terminal signals whole (wandb's service process included).
         self.proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=env)
+                                     env=env, start_new_session=True)
         self.lines = []
+
+    def ctrl_c(self):
+        os.killpg(self.proc.pid, signal.SIGINT)
 
     def wait_for(self, pattern, timeout=300):
         deadline = time.time() + timeout
@@ -55,7 +59,7 @@ def test_ctrl_c_saves_and_exits_a_second_ctrl_c_aborts(corpus, tmp_path):
     run_dir = tmp_path / "run"
     first = Run(_command(corpus, run_dir, "--log.wandb_mode", "offline"), cwd=tmp_path)
     first.wait_for(r"^step 3/")
-    first.proc.send_signal(signal.SIGINT)
+    first.ctrl_c()
     code, output = first.finish()
     assert code == 130, output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
@@ -74,9 +78,9 @@ def test_ctrl_c_saves_and_exits_a_second_ctrl_c_aborts(corpus, tmp_path):
     second = Run(_command(corpus, run_dir, "--log.wandb_mode", "disabled", "--train.global_batch_size", "64"),
                  cwd=tmp_path)
     second.wait_for(rf"^step {saved + 1}/")
-    second.proc.send_signal(signal.SIGINT)
+    second.ctrl_c()
     second.wait_for(r"^Ctrl-C: saving after this step")
-    second.proc.send_signal(signal.SIGINT)
+    second.ctrl_c()
     code, output = second.finish()
     assert code == -signal.SIGINT, output  # ended by the signal's default action, wherever it was
     assert "saved step" not in output and (run_dir / "latest").read_text().strip() == f"iter_{saved:07d}"
