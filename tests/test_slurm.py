@@ -78,7 +78,8 @@ def test_launchers_train_save_on_sigterm_and_resume(corpus, tmp_path):
     step = int((ckpt / "latest").read_text().strip().split("_")[1])
     assert step >= 2 and f"preempted: saved step {step}" in log.read_text()
 
-    job = _submit("slurm/pretrain_8b.sh", tmp_path, ckpt, *args, "--train.train_steps", str(step + 2))
+    job = _submit("slurm/pretrain_8b.sh", tmp_path, ckpt, *args, "--train.train_steps", str(step + 2),
+                  "--checkpoint.lr_schedule", "config")  # a shorter run than the one saved: its own schedule
     state, code = _wait(job)
     assert state == "COMPLETED" and code == ("0", "0"), (tmp_path / f"slurm-{job}.out").read_text()
     text = log.read_text()

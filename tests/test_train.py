@@ -2,6 +2,7 @@
 errors, and falling validation loss for both halves.  Preemption (SIGTERM under a real Slurm) is in
 test_slurm.py."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,9 @@ def test_resharded_resume_tp2_pp2_to_single_rank_and_back(corpus, tmp_path):
                                                 "--train.train_steps", str(N + 2)))[0]
     assert [s for s, *_ in back] == [N + 2]
     torch.testing.assert_close(torch.tensor(back[0][1:]), torch.tensor(sharded[N + 1][1:]), rtol=1e-5, atol=0)
+    # The logged parameter count is the whole model's on every layout: TP=2/PP=2 (a), one rank (b's second run).
+    counts = [re.findall(r"model: ([\d,]+) parameters", (tmp_path / d / "train.log").read_text()) for d in "ab"]
+    assert len(counts[1]) == 3 and counts[0][0] == counts[1][1] == counts[1][2], counts
 
 
 @pytest.mark.slow
@@ -219,7 +223,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(corpus, tmp_path):
     run_on_ranks(1, _run_train, args)
     for shard in (tmp_path / "iter_0000003").glob("*.distcp"):
         shard.write_bytes(b"truncated")
-    history, _ = run_on_ranks(1, _run_train, args[:-4] + ["--train.train_steps", "4"])[0]
+    history, _ = run_on_ranks(1, _run_train, args[:-4] + ["--train.lr_warmup_steps", "0", "--train.train_steps", "4",
+                                                         "--checkpoint.lr_schedule", "config"])[0]
     assert [s for s, *_ in history] == [3, 4]  # resumed after step 2: step 3 is trained again
     assert "resumed at step 2" in (tmp_path / "train.log").read_text()
 

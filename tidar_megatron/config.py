@@ -213,6 +213,10 @@ class CheckpointConfig(_Section):
     # A preemption waits for the save in flight and writes its own: leave time for two saves before the limit.
     async_save: bool = option(False, "write periodic saves in a background process while training goes on")
     resume: str = option("auto", "auto: newest loadable checkpoint in dir | none | a checkpoint path")
+    lr_schedule: str = option("match", "on resume, a learning-rate schedule that differs from the checkpoint's: "
+                              "match: refuse; config: this config's (Megatron-LM's --override-opt_param-"
+                              "scheduler); checkpoint: the checkpoint's (--use-checkpoint-opt_param-scheduler)",
+                              ("match", "config", "checkpoint"))
     init_from: str | None = option(None, "initial weights only (e.g. `tidar-megatron import-hf` output)")
     init_required: bool = option(False, "refuse to start without init_from (the continual-pretraining "
                                  "presets: the paper's recipe starts from an AR checkpoint)")

@@ -117,7 +117,8 @@ def error(prog: str, message: str) -> int:
 
 def entry_point(prog: str):
     """Decorates a subcommand's `main(argv) -> int`: logging and filters set up, a TiDARError printed as
-    `<prog>: error: <message>` with exit status 2.  Any other exception is a bug and keeps its traceback."""
+    `<prog>: error: <message>` with exit status 2, Ctrl-C as `<prog>: interrupted` with 130.  Any other
+    exception is a bug and keeps its traceback."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -127,6 +128,9 @@ def entry_point(prog: str):
                 return fn(argv) or 0
             except TiDARError as e:
                 return error(prog, str(e))
+            except KeyboardInterrupt:  # Ctrl-C where nothing is left to save (training saves first)
+                print(f"\n{prog}: interrupted", file=sys.stderr)
+                return 130
 
         return main
 

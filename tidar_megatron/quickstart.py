@@ -90,6 +90,9 @@ def run(out: Path, steps: int, corpus_mb: float, vocab_size: int, seq_length: in
         "--checkpoint.dir", str(out / "checkpoints"), "--log.wandb_mode", "disabled"])
     t0 = time.time()
     metrics = train(cfg)
+    if metrics.get("stopped_early"):  # Ctrl-C or SIGTERM: the checkpoint is saved, the rest waits for a rerun
+        print(f"      {metrics['stopped_early']} at step {metrics['step']}; rerun to continue from there", flush=True)
+        return {"stopped_early": metrics["stopped_early"]}
     if metrics.get("finished"):
         print(f"      already trained: {out / 'checkpoints'} holds step {metrics['step']}", flush=True)
     else:
@@ -185,10 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     from tidar_megatron.training import distributed
 
     try:
-        run(Path(args.out), args.steps, args.corpus_mb, args.vocab_size, args.seq_length)
+        result = run(Path(args.out), args.steps, args.corpus_mb, args.vocab_size, args.seq_length)
     finally:
         distributed.destroy()
-    return 0
+    return 130 if result.get("stopped_early") == "interrupted" else 0
 
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
     <dir>/.tmp.iter_...      a save in progress; never read, removed by the next save
 
 A save is written under a temporary name and renamed only when every rank has finished (for an async
-save: when every rank's background writer has), then `latest` is replaced atomically; a checkpoint that
-is missing its metadata or fails to load is skipped, with a warning, in favour of the previous one.
+save: when every rank's background writer has) and its files' checksums are recorded (checksums.py), then
+`latest` is replaced atomically; a checkpoint that is missing its metadata, does not match its checksums or
+fails to load is skipped, with a warning, in favour of the previous one.  A config that may not continue a
+checkpoint (resume_check.py) is refused instead.
 Model and optimizer tensors are sharded by their global shape, so a checkpoint saved at one TP/PP/DP
 layout loads at another.
 """
@@ -32,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpoin
 from tidar_megatron.atomic import replace_dir, write_atomic
 from tidar_megatron.compat import megatron_patches
 from tidar_megatron.errors import TiDARError
+from tidar_megatron.training import checksums, resume_check
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +190,12 @@ def publish(directory: Path, name: str, keep_last: int | None):
     does the file work; its outcome is shared, so a failure there is an error on every rank rather than
     the other ranks waiting for it forever."""
     torch.distributed.barrier()
-    outcome = [""]
+    digests, outcome = _hash_share(directory / f".tmp.{name}"), [""]
     if _rank0():
         try:
+            if isinstance(digests, str):
+                raise OSError(digests)
+            checksums.write_manifest(directory / f".tmp.{name}", digests)
             final = directory / name
             replace_dir(directory / f".tmp.{name}", final)
             _write_latest(directory, name)
@@ -204,6 +210,39 @@ def publish(directory: Path, name: str, keep_last: int | None):
     if outcome[0]:
         raise CheckpointError(f"{directory}: could not publish {name} ({outcome[0]}); check the directory's "
                               "permissions and free space")
+
+
+def _hash_share(tmp: Path) -> dict[str, str] | str:
+    """Every rank hashes its share of the checkpoint's files; rank 0 gets all digests ({file: digest}), or
+    the first rank's error as a string."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    try:
+        mine = {n: checksums.digest(tmp / n) for n in checksums.share(checksums.files(tmp), rank, world)}
+    except OSError as e:
+        mine = f"rank {rank}: {_describe(e)}"
+    gathered = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(mine, gathered, dst=0)
+    if rank != 0:
+        return {}
+    errors = [g for g in gathered if isinstance(g, str)]
+    return errors[0] if errors else {n: d for g in gathered for n, d in g.items()}
+
+
+def verify(path: Path):
+    """Check `path` against its checksums, each rank its share (a collective); a mismatch on any rank is a
+    CheckpointError on every rank, naming the files.  A checkpoint saved without checksums passes."""
+    expected = checksums.read_manifest(path)
+    if expected is None:
+        log.info("%s has no %s (saved before checksums were recorded): not verified", path, checksums.MANIFEST)
+        return
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    bad = checksums.mismatched(path, expected, checksums.share(sorted(expected), rank, world))
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, bad)
+    bad = sorted(n for g in gathered for n in g)
+    if bad:
+        raise CheckpointError(f"{path}: {', '.join(bad)} do(es) not match {checksums.MANIFEST} (damaged or "
+                              "modified after it was saved)")
 
 
 def _write_latest(directory: Path, name: str):
@@ -235,11 +274,31 @@ def find_resumable(directory: str | Path) -> list[Path]:
     return found
 
 
+def check_resumable(cfg) -> Path | None:
+    """Before any process group starts: refuse a config that may not continue the checkpoint this run would
+    resume from (resume_check.ResumeMismatch).  Reads the newest checkpoint whose common state reads, the
+    one `resume` starts with (a damaged one it skips has the same config in a run).  Returns its path."""
+    c = cfg.checkpoint
+    if c.resume == "none":
+        return None
+    for path in [Path(c.resume)] if c.resume != "auto" else find_resumable(c.dir):
+        try:
+            common = dist_checkpointing.load_common_state_dict(str(path))
+        except (Exception, DCPCheckpointException):
+            continue  # resume() reports it and falls back
+        resume_check.check_common(cfg, common, path)
+        return path
+    return None
+
+
 def load(trainer, path: str | Path) -> dict:
-    """Load model, optimizer, scheduler (and RNG when the layout is unchanged) into `trainer`.
-    Returns the saved `data` state; sets `trainer.step`."""
+    """Load model, optimizer, scheduler (and RNG when the layout is unchanged) into `trainer` after
+    verifying its checksums and that `trainer.cfg` may continue it.  Returns the checkpoint's common state
+    (`data`: the data position, `config`, `scheduler`, ...); sets `trainer.step`."""
     path = Path(path)
+    verify(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
+    resume_check.check_common(trainer.cfg, common, path)
     same_layout = tuple(common.get("layout", ())) == _layout_of(trainer.cfg)
     state = _sharded_state(trainer, is_loading=True, with_rng=same_layout)
     loaded = dist_checkpointing.load(state, str(path))
@@ -257,21 +316,24 @@ def load(trainer, path: str | Path) -> dict:
     else:
         log.warning("%s was saved with another parallel layout; RNG states start fresh", path)
     trainer.step = int(common["step"])
-    return common.get("data", {})
+    return common
 
 
 def resume(trainer, directory: str | Path) -> dict | None:
-    """Load the newest loadable checkpoint under `directory`; None when there is none.  When there are
-    checkpoints but none loads, stop: silently starting over would discard the run."""
+    """Load the newest loadable checkpoint under `directory` and return its common state (`load`); None when
+    there is none.  When there are checkpoints but none loads, stop: silently starting over would discard
+    the run."""
     candidates = find_resumable(directory)
     for candidate in candidates:
         try:
-            data_state = load(trainer, candidate)
+            common = load(trainer, candidate)
+        except resume_check.ResumeMismatch:
+            raise  # the config, not the checkpoint, is wrong: an older checkpoint of the run would not do
         except (Exception, DCPCheckpointException) as e:  # corrupt: warn and fall back to the previous one
             log.warning("could not load %s (%s); trying the previous checkpoint", candidate, _describe(e))
             continue
         log.info("resumed from %s at step %d", candidate, trainer.step)
-        return data_state
+        return common
     if candidates:
         raise CheckpointError(f"{directory}: none of the checkpoints ({', '.join(c.name for c in candidates)}) "
                               "loads with this config (see the warnings above); fix the config or use "

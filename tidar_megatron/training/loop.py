@@ -1,8 +1,9 @@
 """The pretraining loop: `tidar-megatron train --config <preset> [--section.field value ...]`.
 
-Reads top to bottom: check the config, data and paths (before any process group), start process groups,
-build the trainer, resume or initialise, then step / log / validate / checkpoint until done or preempted
-(SIGTERM, SIGUSR1: finish the step, save, exit 0).
+Reads top to bottom: check the config, data, paths and what a resume may change (before any process
+group), start process groups, build the trainer, resume or initialise, then step / log / validate /
+checkpoint until done, preempted (SIGTERM, SIGUSR1: finish the step, save, exit 0) or interrupted (Ctrl-C:
+the same, exit 130; a second Ctrl-C aborts at once).
 """
 
 from __future__ import annotations
@@ -23,40 +24,47 @@ def train(cfg: Config) -> dict:
     from tidar_megatron.errors import TiDARError
     from tidar_megatron.training import checkpoint, distributed, preflight
     from tidar_megatron.training.inputs import build_data
-    from tidar_megatron.training.metrics import Progress
+    from tidar_megatron.training.metrics import Progress, count_parameters
     from tidar_megatron.training.preemption import Preemption
+    from tidar_megatron.training.resume_check import schedule_note
     from tidar_megatron.training.trainer import build_trainer
     from tidar_megatron.training.validation import validate
 
-    tokenizer = preflight.check(cfg, distributed.env_world_size())  # before any process group starts
+    # Before any process group starts:
+    tokenizer = preflight.check(cfg, distributed.env_world_size())
+    checkpoint.check_resumable(cfg)
     device = distributed.initialize(cfg)
     rank0 = torch.distributed.get_rank() == 0
     trainer = build_trainer(cfg, on_gpu=device == "cuda")
     ckpt_dir = Path(cfg.checkpoint.dir)
 
-    data_state = None
+    resumed = None  # the common state of the checkpoint resumed from
     if cfg.checkpoint.resume == "auto":
-        data_state = checkpoint.resume(trainer, ckpt_dir)
+        resumed = checkpoint.resume(trainer, ckpt_dir)
     elif cfg.checkpoint.resume != "none":
-        data_state = checkpoint.load(trainer, cfg.checkpoint.resume)
-    if data_state is None and cfg.checkpoint.init_from:
+        resumed = checkpoint.load(trainer, cfg.checkpoint.resume)
+    if resumed is None and cfg.checkpoint.init_from:
         checkpoint.load_model_weights(trainer.model, cfg.checkpoint.init_from)
         trainer.optimizer.reload_model_params()  # the fp32 main copies (bf16 runs) must follow the new weights
 
     progress = Progress(cfg, trainer.step, enabled=rank0)
+    progress.start(count_parameters(trainer.model))
     if trainer.step >= cfg.train.train_steps:
         progress.message(f"{ckpt_dir} holds a finished run (step {trainer.step} of {cfg.train.train_steps}): "
-                         "nothing to do; raise --train.train_steps to continue it, or use a new --checkpoint.dir")
+                         "nothing to do; to continue it raise --train.train_steps (and choose the schedule: "
+                         "--checkpoint.lr_schedule config or checkpoint), or use a new --checkpoint.dir")
         progress.close()
         return {"finished": True, "step": trainer.step, "history": []}
     if rank0 and (note := console.accelerator_note()):
         progress.message(note)
-    train_iter, valid_factory = build_data(cfg, tokenizer, (data_state or {}).get("consumed_samples", 0))
-    if data_state is not None:
-        progress.message(f"resumed at step {trainer.step} (consumed samples {train_iter.consumed_samples})")
-    preemption = Preemption()
+    data_state = (resumed or {}).get("data", {})
+    train_iter, valid_factory = build_data(cfg, tokenizer, data_state.get("consumed_samples", 0))
+    if resumed is not None:
+        progress.message(f"resumed at step {trainer.step} (consumed samples {train_iter.consumed_samples}); "
+                         f"{schedule_note(cfg, resumed)}")
     nan_streak, result, last_saved = 0, {}, None
     async_saves = checkpoint.AsyncSaves(Preemption.SIGNALS) if cfg.checkpoint.async_save else None
+    preemption = Preemption(announce=rank0)
 
     def save(wait: bool = False):
         """Periodic saves may finish in the background; the last one before exiting is waited for."""
@@ -90,11 +98,10 @@ def train(cfg: Config) -> dict:
                 result["valid"] = validate(trainer, valid_factory(), cfg.train.eval_iters)
                 progress.validated(trainer.step, result["valid"])
             exit_now = bool(cfg.train.exit_interval) and trainer.step % cfg.train.exit_interval == 0
-            if preemption.agreed() or exit_now:
+            if (stop := preemption.agreed() or ("exit interval" if exit_now else None)) is not None:
                 save(wait=True)
-                progress.message(f"{'exit interval' if exit_now else 'preempted'}: saved step {trainer.step} "
-                                 f"to {ckpt_dir}; exiting")
-                return dict(result, stopped_early=True, history=progress.history)
+                progress.message(f"{stop}: saved step {trainer.step} to {ckpt_dir}; exiting")
+                return dict(result, step=trainer.step, stopped_early=stop, history=progress.history)
             if cfg.checkpoint.interval and trainer.step % cfg.checkpoint.interval == 0:
                 save()
         if last_saved != trainer.step:
@@ -104,6 +111,7 @@ def train(cfg: Config) -> dict:
         progress.message(f"done: step {trainer.step}, checkpoint {ckpt_dir / f'iter_{trainer.step:07d}'}")
         return dict(result, history=progress.history)
     finally:
+        preemption.close()
         progress.close()
 
 
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from tidar_megatron.training import distributed
 
     try:
-        train(cfg)
+        result = train(cfg)
     finally:
         distributed.destroy()
-    return 0
+    return 130 if result.get("stopped_early") == "interrupted" else 0  # the shell's code for Ctrl-C

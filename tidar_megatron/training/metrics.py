@@ -1,5 +1,6 @@
-"""What a run reports: the progress line (tokens/s, ETA), train.log, wandb, the plots, and the FLOP count
-behind MFU (one formula, used by benchmarks/step_time.py too)."""
+"""What a run reports: the resolved config.yaml and the parameter count, the progress line (tokens/s, ETA),
+train.log, wandb, the plots, and the FLOP count behind MFU (one formula, used by benchmarks/step_time.py
+too)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
+from tidar_megatron.atomic import write_atomic
 from tidar_megatron.config import Config
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,20 @@ def model_flops(cfg: Config, tokens_per_sample: int, samples: int) -> float:
 def model_flops_per_step(cfg: Config) -> float:
     """One global batch on the sequence the model runs on (the doubled one for TiDAR)."""
     return model_flops(cfg, cfg.layout.seq_len, cfg.train.global_batch_size)
+
+
+def count_parameters(model_chunks: list) -> int:
+    """Parameters of the whole model, summed over the model-parallel ranks (a collective over them), as
+    Megatron-LM counts them: a tensor-parallel shard on every TP rank, a replicated parameter (norms) on
+    one, the last stage's copy of a tied embedding not at all."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    local = sum(p.numel() for chunk in model_chunks for p in chunk.parameters()
+                if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False))
+    total = torch.tensor([local], dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return int(total.item())
 
 
 def fmt_time(seconds: float) -> str:
@@ -54,14 +71,40 @@ class Progress:
         run_dir = Path(cfg.checkpoint.dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.log_file = open(run_dir / "train.log", "a")
-        if cfg.log.wandb_mode != "disabled":
-            try:
-                import wandb
 
-                self.wandb = wandb.init(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
-                                        dir=str(run_dir), config=cfg.to_dict(), resume="allow")
-            except Exception as e:  # logging must never stop a run
-                log.warning("wandb disabled: %s", e)
+    def start(self, parameters: int):
+        """The run's first lines: the resolved config (written to <checkpoint.dir>/config.yaml, which
+        `--config` reads back), the parameter count, and where wandb keeps its record."""
+        if not self.enabled:
+            return
+        run_dir = Path(self.cfg.checkpoint.dir)
+        write_atomic(run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        self.message(f"config: {run_dir / 'config.yaml'} (resolved); model: {parameters:,} parameters "
+                     f"({parameters / 1e6:.2f}M)")
+        if self.cfg.log.wandb_mode != "disabled":
+            self._start_wandb(run_dir)
+
+    def _start_wandb(self, run_dir: Path):
+        """wandb keeps its full record; its own console output (about 40 lines a run) is off, and one line
+        says where the run is."""
+        mode = self.cfg.log.wandb_mode
+        try:
+            import wandb
+        except ImportError:
+            self.message(f"log.wandb_mode {mode}: wandb is not installed (pip install 'tidar_megatron[wandb]'); "
+                         "logging to train.log only")
+            return
+        try:
+            self.wandb = wandb.init(project=self.cfg.log.wandb_project, mode=mode, dir=str(run_dir),
+                                    config=self.cfg.to_dict(), resume="allow", settings=wandb.Settings(silent=True))
+        except Exception as e:  # logging must never stop a run
+            log.warning("wandb disabled: %s", e)
+            return
+        if mode == "offline":
+            where = self.wandb.settings.sync_dir
+            self.message(f"wandb: offline run in {where}; upload it with `wandb sync {where}`")
+        else:
+            self.message(f"wandb: {self.wandb.url}")
 
     def step(self, step: int, metrics: dict, step_time: float):
         if not self.enabled:

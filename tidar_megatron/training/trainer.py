@@ -13,7 +13,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from tidar_megatron.config import Config
+from tidar_megatron.config import Config, TrainConfig
 from tidar_megatron.model import build_model
 from tidar_megatron.training import loss, validation
 from tidar_megatron.training.forward_step import make_forward_step
@@ -138,11 +138,20 @@ def build_trainer(cfg: Config, on_gpu: bool) -> Trainer:
         use_distributed_optimizer=p.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, model)
+    # On resume, which schedule wins where the checkpoint's differs (resume_check.py refused it otherwise).
+    rule = cfg.checkpoint.lr_schedule
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=t.train_steps, lr_decay_style=t.lr_decay_style,
-        start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.train_steps, wd_incr_style="constant",
+        optimizer, init_lr=0.0, **lr_schedule(t),
         wsd_decay_steps=max(t.train_steps // 10, 1) if t.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style="linear" if t.lr_decay_style == "WSD" else None,
+        override_opt_param_scheduler=rule == "config", use_checkpoint_opt_param_scheduler=rule == "checkpoint",
     )
     return Trainer(cfg, model, optimizer, scheduler)
+
+
+def lr_schedule(t: TrainConfig) -> dict:
+    """The schedule of `t` as OptimizerParamScheduler takes it, and records it in its state_dict (the names
+    and units resume_check.py compares a checkpoint's with)."""
+    return dict(max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=t.train_steps,
+                lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+                wd_incr_steps=t.train_steps, wd_incr_style="constant")
