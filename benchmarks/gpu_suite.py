@@ -41,6 +41,8 @@ import tarfile
 import time
 from pathlib import Path
 
+from replicate import repetition_text  # benchmarks/, this script's folder
+
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"attention fwd+bwd vs Flex": ">= 1.3x", "training step TiDAR / AR": "<= 2.05x (FLOP floor ~2.0x)",
            "training MFU": ">= 45%", "decoding pass TiDAR / AR": "<= 1.4x",
@@ -179,13 +181,6 @@ def _load(path: Path):
         return None
 
 
-def _repetition(row: dict | None) -> str:
-    rep = (row or {}).get("repetition")
-    if not rep:
-        return "-"
-    return f"{rep['loop_fraction']:.2f} / {rep['distinct_2']:.2f}" + (" DEGENERATE" if rep.get("degenerate") else "")
-
-
 def replication_rows(replication: dict) -> list[str]:
     """The replication stage's figures against the paper's targets."""
     runs = replication.get("runs") or {}
@@ -211,7 +206,8 @@ def replication_rows(replication: dict) -> list[str]:
                      f"{t['tokens_per_s']:.0f} vs AR {recipe['ar']['tokens_per_s']:.0f} tokens/s "
                      f"({t['speedup_vs_ar']:.2f}x, {'met' if faster else 'missed'}); greedy = AR "
                      f"{t['greedy_identical_fraction']:.0%}; loop fraction / distinct-2 of the output: TiDAR "
-                     f"{_repetition(t)}, AR {_repetition(recipe['ar'])} | {target} |")
+                     f"{repetition_text(t.get('repetition'))}, AR {repetition_text(recipe['ar'].get('repetition'))} "
+                     f"| {target} |")
     return lines
 
 
@@ -284,7 +280,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="results folder (default runs/gpu_suite-<date>)")
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--stages", nargs="+", choices=list(BUDGETS), help="run only these (default: all, in order)")
+    p.add_argument("--stages", nargs="+", choices=list(BUDGETS), type=lambda name: name.replace("-", " "),
+                   metavar="STAGE", help="run only these, in the suite's order (default: all): "
+                   + ", ".join(name.replace(" ", "-") for name in BUDGETS))
     p.add_argument("--bundle", help="also write the results, logs and plots as this .tar.gz after every stage")
     p.add_argument("--layers", type=int, default=8, help="layers of the 1p5b shape in the training-step stage")
     p.add_argument("--environment", help=argparse.SUPPRESS)  # stage 1's own entry

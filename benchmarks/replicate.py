@@ -162,11 +162,11 @@ def table(rows: dict, curves: dict) -> str:
     head = ("| run | block | held-out AR perplexity | diffusion loss | greedy tokens/pass | greedy = AR | AR tok/s | "
             "TiDAR tok/s | TiDAR / AR | loop fraction / distinct-2 (AR; TiDAR) | est. tokens/pass (validation) |")
     lines = [head, "|" + " --- |" * (head.count(" | ") + 1)]
-    nan = float("nan")
     for name, row in rows.items():
         est = (curves.get(name) or [{}])[-1].get("est_tokens_per_pass")
         est = f"{est:.2f}" if est is not None else "-"
-        quality = f"{row['ar_perplexity']:.2f} | {row['diff_loss'] if row['diff_loss'] is not None else nan:.3f}"
+        diff = f"{row['diff_loss']:.3f}" if row["diff_loss"] is not None else "-"
+        quality = f"{row['ar_perplexity']:.2f} | {diff}"
         blocks = row.get("tidar") or {"-": None}
         for block, t in blocks.items():
             if t is None:
