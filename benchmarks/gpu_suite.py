@@ -64,7 +64,7 @@ REPLICATION = ["--runs", "ar", "ar+tidar", "--decode", "tidar", "--block-size", 
                "8", "16", "--train.bf16", "true", "--model.attention_backend", "kernel", "--model.fused_loss", "true"]
 REPLICATION_SIZES = {
     # 12 x 512 (46M parameters), 600 AR steps of 32 x 1024 tokens (19.7M) from 64 MB of the node's Python
-    # sources, the recipe continuing step 400 for 200 TiDAR steps: ~190 s planned of 240 (docs/benchmarks.md).
+    # sources, the recipe continuing step 400 for 200 TiDAR steps: ~200 s planned of 240 (docs/benchmarks.md).
     "gpu": ["--steps", "600", "--continue-steps", "200", "--lr", "1e-3", "--continue-lr", "3e-4", "--layers", "12",
             "--hidden", "512", "--heads", "8", "--seq-length", "1024", "--global-batch", "32", "--micro-batch", "32",
             "--corpus-mb", "64", "--heldout-mb", "1", "--vocab", "8192", "--tokenizer-lines", "1000000",
