@@ -29,12 +29,20 @@ PROMPT_TOKENS = 48
 def stdlib_sources(limit_mb: float, skip_mb: float = 0.0) -> list[str]:
     """Python files of the running interpreter's standard library in a stable order: those within the
     first `limit_mb` after skipping `skip_mb` (so skip_mb = the training corpus gives held-out files)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    return python_sources(Path(sysconfig.get_paths()["stdlib"]), limit_mb, skip_mb)
+
+
+def python_sources(root: Path, limit_mb: float, skip_mb: float = 0.0, max_file_kb: float | None = None) -> list[str]:
+    """Python files under `root` in a stable order, test folders and site-packages left out (and files over
+    `max_file_kb`, mostly generated tables, when given): those within the first `limit_mb` after `skip_mb`."""
     files, total = [], 0
     for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts or "test" in path.parts or "tests" in path.parts:
+        parts = path.relative_to(root).parts
+        if "site-packages" in parts or "test" in parts or "tests" in parts or not path.is_file():
             continue
         size = path.stat().st_size
+        if max_file_kb is not None and size > max_file_kb * 1024:
+            continue
         total += size
         if total <= skip_mb * 2**20:
             continue

@@ -3,6 +3,7 @@
     cpu.py              megatron-core's real code paths on a machine without CUDA
     megatron_patches.py gaps of megatron-core 0.19's distributed optimizer and async checkpointing
     lm_eval_harness.py  lm-eval 0.4.13 names that lm-eval does not publish
+    triton_interpreter.py Triton 3.6's CPU interpreter under numpy >= 2.5 (the GPU node's stack)
 
 Each workaround names the upstream version it was written against; remove it when that version is gone.
 """
