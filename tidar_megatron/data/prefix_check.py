@@ -39,7 +39,7 @@ class PrefixInfo:
     note: str | None  # one line to show the user (no sidecar: the tokenizer was not checked)
 
 
-def _indexed_dataset(prefix: str):
+def indexed_dataset(prefix: str):
     with warnings.catch_warnings():  # megatron.core warns about missing TE/Apex on import
         warnings.simplefilter("ignore")
         from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -64,7 +64,7 @@ def check_prefix(prefix: str, tokenizer: Tokenizer | None = None, tokenizer_name
     if bin_bytes == 0:
         raise DataError(f"{what} {prefix}: {prefix}.bin is empty (no documents, or truncated); {_retokenize(prefix)}")
     try:
-        index = _indexed_dataset(prefix)
+        index = indexed_dataset(prefix)
         lengths, documents = index.sequence_lengths, index.document_indices
         itemsize = np.dtype(index.index.dtype).itemsize
     except (AssertionError, ValueError, OSError, IndexError) as e:  # what Megatron's reader raises on a torn file
@@ -81,7 +81,7 @@ def check_prefix(prefix: str, tokenizer: Tokenizer | None = None, tokenizer_name
                                    "its tokenizer is not checked")
     _check_counts(info, bin_bytes, what)
     if tokenizer is not None:
-        _check_tokenizer(info, tokenizer, tokenizer_name, what)
+        check_made_by(info, tokenizer, tokenizer_name, what)
     return info
 
 
@@ -103,7 +103,11 @@ def _check_counts(info: PrefixInfo, bin_bytes: int, what: str):
                         f"{_retokenize(info.prefix)}")
 
 
-def _check_tokenizer(info: PrefixInfo, tokenizer: Tokenizer, tokenizer_name: str, what: str):
+def check_made_by(info: PrefixInfo, tokenizer: Tokenizer, tokenizer_name: str = "data.tokenizer",
+                  what: str = "data prefix") -> None:
+    """The prefix `info` describes was tokenized by `tokenizer` (nothing to check without a sidecar)."""
+    if info.sidecar is None:
+        return
     made_by = info.sidecar["tokenizer"]
     if made_by["vocabulary_fingerprint"] != tokenizer.vocabulary_fingerprint:
         raise DataError(f"{what} {info.prefix} was tokenized with {made_by['path']} (vocabulary {made_by['vocab_size']}, "
@@ -118,7 +122,7 @@ def _check_tokenizer(info: PrefixInfo, tokenizer: Tokenizer, tokenizer_name: str
 def first_out_of_vocabulary(prefix: str, vocab_size: int) -> tuple[int, int] | None:
     """(document, token id) of the first document of `prefix` holding an id >= vocab_size, or None; reads
     the .bin in blocks (the whole file at worst)."""
-    index = _indexed_dataset(prefix)
+    index = indexed_dataset(prefix)
     dtype = np.dtype(index.index.dtype)
     tokens = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r")
     for start in range(0, len(tokens), _SCAN_TOKENS):

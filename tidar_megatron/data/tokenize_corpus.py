@@ -227,9 +227,9 @@ class _Progress:
         docs, tokens, text_bytes, disk_bytes = self.counters[:]
         dt = max(now - self.start, 1e-9)
         frac = disk_bytes / self.total if self.total else 1.0
-        eta = dt * (1 - frac) / frac if frac > 0 else float("nan")
+        eta = f"{dt * (1 - frac) / frac:.0f}s" if frac > 0 else "?"
         line = (f"{int(docs):,} docs | {tokens / dt:,.0f} tok/s | {text_bytes / dt / 1e6:.1f} MB/s | "
-                f"{100 * frac:.1f}% | ETA {eta:.0f}s")
+                f"{100 * frac:.1f}% | ETA {eta}")
         print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self):
@@ -262,6 +262,7 @@ def tokenize_corpus(inputs: list[str], output_prefix: str, tokenizer: str, *, te
         raise InputError(f"--on-error must be 'skip' or 'fail', got {on_error!r}")
     t0 = time.time()
     tok = Tokenizer(tokenizer, mask_token)
+    dtype = _megatron_indexed().DType.optimal_dtype(tok.vocab_size)  # imported before the workers fork
     files = find_inputs(inputs, glob)
     _check_output(output_prefix, files, overwrite)
     shard_dir = Path(f"{output_prefix}.shards")
@@ -287,7 +288,6 @@ def tokenize_corpus(inputs: list[str], output_prefix: str, tokenizer: str, *, te
         first = f" (first: {skipped[0].location}: {skipped[0].reason})" if skipped else ""
         raise InputError(f"no documents in {len(files)} input file(s) ({total['empty_files']} empty, "
                          f"{len(skipped)} bad documents{first}); nothing written to {output_prefix}.bin")
-    dtype = _megatron_indexed().DType.optimal_dtype(tok.vocab_size)
     record = sidecar.build(tok, text_key=text_key, append_eod=append_eod, dtype=dtype, inputs=files,
                            documents=total["docs"], tokens=total["tokens"],
                            max_token_id=max(r["max_id"] for r in results.values()),
