@@ -26,6 +26,10 @@ def is_columnar(path: str) -> bool:
 
 
 def _pyarrow(path: str):
+    # No threads of pyarrow's own (here jemalloc's background thread; below use_threads=False and no
+    # pre-buffering): the tokenizer forks its workers after reading, and a thread alive at fork time may
+    # hold a lock the child then waits on forever (Python warns about it).  Processes are the parallelism.
+    os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
     try:
         import pyarrow
         import pyarrow.ipc
@@ -54,19 +58,14 @@ def dataset_dir_files(directory: str) -> list[str] | None:
     return [str(d / n) for n in names]
 
 
-def _arrow_reader(pa, path: str):
-    """Record batches of an Arrow IPC file (random access) or stream (what datasets writes), memory-mapped."""
-    source = pa.memory_map(path)
-    try:
-        return pa.ipc.open_file(source)
-    except pa.ArrowInvalid:
-        return pa.ipc.open_stream(source)
-
-
-def _arrow_batches(reader) -> Iterator:
-    if hasattr(reader, "get_batch"):
-        return (reader.get_batch(i) for i in range(reader.num_record_batches))
-    return iter(reader)
+def _arrow_batches(pa, path: str):
+    """(schema, record batches) of an Arrow IPC stream (what datasets writes) or file, memory-mapped.  A
+    file is read as the stream it holds after its 8-byte magic (the IPC format puts it there): pyarrow's
+    file reader starts I/O threads."""
+    buffer = pa.memory_map(path).read_buffer()
+    offset = 8 if buffer.size >= 8 and buffer.slice(0, 6).to_pybytes() == b"ARROW1" else 0
+    reader = pa.ipc.open_stream(buffer.slice(offset), options=pa.ipc.IpcReadOptions(use_threads=False))
+    return reader.schema, reader
 
 
 def _text_column(schema, path: str, text_key: str) -> int:
@@ -88,15 +87,15 @@ def plan(path: str, chunk_bytes: int, text_key: str) -> list[Chunk]:
     sizes = []  # (text bytes, rows) per unit
     try:
         if Path(path).suffix.lower() in PARQUET_SUFFIXES:
-            meta = pa.parquet.ParquetFile(path).metadata
+            meta = pa.parquet.ParquetFile(path, pre_buffer=False).metadata
             column = _text_column(meta.schema.to_arrow_schema(), path, text_key)
             for i in range(meta.num_row_groups):
                 group = meta.row_group(i)
                 sizes.append((group.column(column).total_uncompressed_size, group.num_rows))
         else:
-            reader = _arrow_reader(pa, path)
-            column = _text_column(reader.schema, path, text_key)
-            sizes = [(b.column(column).nbytes, b.num_rows) for b in _arrow_batches(reader)]
+            schema, batches = _arrow_batches(pa, path)
+            column = _text_column(schema, path, text_key)
+            sizes = [(b.column(column).nbytes, b.num_rows) for b in batches]
     except pa.ArrowException as e:
         raise InputError(f"{path}: not a readable {'Parquet' if Path(path).suffix.lower() in PARQUET_SUFFIXES else 'Arrow'} "
                          f"file ({str(e).splitlines()[0]})") from None
@@ -117,17 +116,17 @@ def read(chunk: Chunk, text_key: str) -> Iterator[tuple[int, str | DocError]]:
     path = chunk.paths[0]
     pa = _pyarrow(path)
     if Path(path).suffix.lower() in PARQUET_SUFFIXES:
-        parquet = pa.parquet.ParquetFile(path)
+        parquet = pa.parquet.ParquetFile(path, pre_buffer=False)
         first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(chunk.start))
         end = parquet.metadata.num_row_groups if chunk.end < 0 else chunk.end
         batches = parquet.iter_batches(batch_size=_ROWS_PER_BATCH, row_groups=range(chunk.start, end),
                                        columns=[text_key], use_threads=False)
         column = 0
     else:
-        reader = _arrow_reader(pa, path)
-        column = reader.schema.names.index(text_key)
+        schema, stream = _arrow_batches(pa, path)
+        column = schema.names.index(text_key)
         batches, first_row = [], 0
-        for i, batch in enumerate(_arrow_batches(reader)):  # memory-mapped: skipping reads no text
+        for i, batch in enumerate(stream):  # memory-mapped: skipping reads no text
             if i >= chunk.end >= 0:
                 break
             if i < chunk.start:

@@ -357,6 +357,8 @@ def _run_shards(chunks, prefixes, done, tokenizer, mask_token, text_key, on_erro
         else:
             with mp.get_context("fork").Pool(workers, _init_worker, init_args) as pool:
                 consume(_TimeoutIter(pool.imap(_tokenize_chunk, todo), log_interval))
+                pool.close()  # workers exit on their own: terminating them races the pool's refilling thread
+                pool.join()
         prog.update(force=True)
     finally:
         prog.close()
