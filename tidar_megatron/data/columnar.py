@@ -21,15 +21,19 @@ ARROW_SUFFIXES = {".arrow", ".feather", ".ipc"}
 _ROWS_PER_BATCH = 256  # rows turned into Python strings at a time
 
 
+
 def is_columnar(path: str) -> bool:
     return Path(path).suffix.lower() in PARQUET_SUFFIXES | ARROW_SUFFIXES
 
 
+# No threads of pyarrow's own (jemalloc's background thread, set before pyarrow is first imported; below
+# use_threads=False, no pre-buffering, no file reader): the tokenizer forks its workers after planning, and
+# a thread alive at fork time may hold a lock the child then waits on forever (Python warns about it).
+# Processes are the parallelism here.
+os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
+
+
 def _pyarrow(path: str):
-    # No threads of pyarrow's own (here jemalloc's background thread; below use_threads=False and no
-    # pre-buffering): the tokenizer forks its workers after reading, and a thread alive at fork time may
-    # hold a lock the child then waits on forever (Python warns about it).  Processes are the parallelism.
-    os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
     try:
         import pyarrow
         import pyarrow.ipc

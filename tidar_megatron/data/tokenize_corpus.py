@@ -359,7 +359,8 @@ def _run_shards(chunks, prefixes, done, tokenizer, mask_token, text_key, on_erro
                 consume(_TimeoutIter(pool.imap(_tokenize_chunk, todo), log_interval))
                 pool.close()  # workers exit on their own: terminating them races the pool's refilling thread
                 pool.join()
-        prog.update(force=True)
+        if counters[0]:  # the final figures, when there are any (no documents is an error of its own)
+            prog.update(force=True)
     finally:
         prog.close()
     return results, skipped
