@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from tidar_megatron.data.tokenizer import Tokenizer
 from tidar_megatron.errors import TiDARError
 
 _SCAN_TOKENS = 1 << 26  # tokens read at a time when looking for an out-of-vocabulary id
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
 
 
 class DataError(TiDARError, ValueError):
@@ -63,13 +65,10 @@ def check_prefix(prefix: str, tokenizer: Tokenizer | None = None, tokenizer_name
     bin_bytes = os.path.getsize(f"{prefix}.bin")
     if bin_bytes == 0:
         raise DataError(f"{what} {prefix}: {prefix}.bin is empty (no documents, or truncated); {_retokenize(prefix)}")
-    try:
-        index = indexed_dataset(prefix)
-        lengths, documents = index.sequence_lengths, index.document_indices
-        itemsize = np.dtype(index.index.dtype).itemsize
-    except (AssertionError, ValueError, OSError, IndexError) as e:  # what Megatron's reader raises on a torn file
-        raise DataError(f"{what} {prefix}: {prefix}.idx is truncated or not an index ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); {_retokenize(prefix)}") from None
+    _check_index_size(prefix, what)
+    index = indexed_dataset(prefix)
+    lengths, documents = index.sequence_lengths, index.document_indices
+    itemsize = np.dtype(index.index.dtype).itemsize
     tokens = int(lengths.sum(dtype=np.int64))
     if tokens * itemsize != bin_bytes:
         raise DataError(f"{what} {prefix}: {prefix}.bin holds {bin_bytes:,} bytes but {prefix}.idx describes "
@@ -83,6 +82,26 @@ def check_prefix(prefix: str, tokenizer: Tokenizer | None = None, tokenizer_name
     if tokenizer is not None:
         check_made_by(info, tokenizer, tokenizer_name, what)
     return info
+
+
+def _check_index_size(prefix: str, what: str) -> None:
+    """The .idx holds what its header announces: after 34 bytes (magic, version, dtype code, sequence
+    count S, document count D), S int32 lengths, S int64 pointers and D int64 document starts (and S mode
+    bytes in multimodal data), as megatron-core's indexed_dataset.py writes it.  Checked before Megatron's
+    reader sees a torn file, which it reports with an assertion or a numpy error (and a second one from
+    its destructor)."""
+    path = f"{prefix}.idx"
+    with open(path, "rb") as f:
+        header = f.read(34)
+    size = os.path.getsize(path)
+    if len(header) < 34 or header[:9] != _INDEX_MAGIC:
+        raise DataError(f"{what} {prefix}: {path} is truncated or not an index ({size} bytes, no Megatron index "
+                        f"header); {_retokenize(prefix)}")
+    sequences, documents = struct.unpack("<QQ", header[18:34])
+    expected = 34 + 12 * sequences + 8 * documents
+    if size not in (expected, expected + sequences):
+        raise DataError(f"{what} {prefix}: {path} is truncated or not an index ({size:,} bytes where its header "
+                        f"announces {expected:,}); {_retokenize(prefix)}")
 
 
 def _read_sidecar(prefix: str, what: str) -> dict | None:
