@@ -206,7 +206,7 @@ def describe(parts: list[list[Part] | None], num_samples: list[int], seq_length:
     for p in train:
         epochs = math.ceil(p.weight * num_samples[0]) * seq_length / max(p.tokens, 1)
         lines.append(f"data: weight {p.weight:.3f}  {p.documents:,} documents  {p.tokens:,} tokens  "
-                     f"{epochs:.2f} epochs  {p.prefix}")
+                     f"{epochs:.3g} epochs  {p.prefix}")
     for name, split_parts, wanted in zip(SPLITS[1:], parts[1:], num_samples[1:]):
         if split_parts and wanted:
             docs, tokens = sum(p.documents for p in split_parts), sum(p.tokens for p in split_parts)
