@@ -240,3 +240,31 @@ def test_megatron_lm_preprocess_data_command_lines_work_unchanged(tmp_path, sp_m
         assert err == f"tidar-megatron tokenize: error: {err.split('error: ', 1)[1]}" and message in err, err
     with pytest.raises(SystemExit):  # argparse: an unknown tokenizer type lists the supported ones
         main(["--input", str(data), "--output-prefix", "o", "--tokenizer-type", "GPT2BPETokenizer"])
+
+
+def test_the_sidecar_says_what_made_the_data(tmp_path, sp_model):
+    """Every field checked against an independent source: the files themselves, hashlib, the .bin read back."""
+    import hashlib
+    import importlib.metadata
+
+    import numpy as np
+
+    path, _ = bad_corpus(tmp_path)
+    big = tmp_path / "big.txt"
+    big.write_text("x = 1\n" * 30_000)  # > 64 KiB: the hash covers the first 64 KiB only
+    tokenize_corpus([str(path), str(big)], str(tmp_path / "out"), sp_model, workers=1, progress=False)
+    record = json.loads((tmp_path / "out.meta.json").read_text())
+    tok = Tokenizer(sp_model)
+    assert record["tokenizer"] == {"path": sp_model, "vocabulary_fingerprint": tok.vocabulary_fingerprint,
+                                   "file_fingerprint": tok.fingerprint, "vocab_size": 600, "eod_id": tok.eod_id,
+                                   "mask_token": "<|mask|>", "mask_id": tok.mask_id}
+    assert record["tool"] == f"tidar-megatron {importlib.metadata.version('tidar_megatron')}"
+    assert record["inputs"] == [{"path": str(p), "bytes": p.stat().st_size,
+                                 "head_sha256": hashlib.sha256(p.read_bytes()[:64 << 10]).hexdigest()}
+                                for p in (path, big)]
+    ds = IndexedDataset(str(tmp_path / "out"))
+    tokens = np.concatenate([ds[i] for i in range(len(ds))])
+    assert (record["documents"], record["tokens"], record["max_token_id"], record["bin_bytes"]) == \
+        (len(ds), len(tokens), int(tokens.max()), (tmp_path / "out.bin").stat().st_size)
+    assert record["text_key"] == "text" and record["append_eod"] is True and record["dtype"] == "uint16"
+    assert record["skipped"]["count"] == 5 and record["skipped"]["documents"][0]["line"] == 301

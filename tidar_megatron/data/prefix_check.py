@@ -148,7 +148,7 @@ def first_out_of_vocabulary(prefix: str, vocab_size: int) -> tuple[int, int] | N
         bad = np.flatnonzero(tokens[start:start + _SCAN_TOKENS] >= vocab_size)
         if len(bad):
             position = start + int(bad[0])
-            sequence = int(np.searchsorted(np.cumsum(index.sequence_lengths, dtype=np.int64), position, "right"))
+            sequence = int(np.searchsorted(index.index.sequence_pointers, position * dtype.itemsize, "right")) - 1
             document = int(np.searchsorted(index.document_indices, sequence, "right")) - 1
             return document, int(tokens[position])
     return None

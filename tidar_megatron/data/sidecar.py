@@ -15,8 +15,8 @@ its sidecar).  Megatron-LM's own .bin/.idx have none.
                                           {"file": "corpus/b.parquet", "row": 4, "reason": "empty document"}]}}
 
 `vocabulary_fingerprint` is `Tokenizer.vocabulary_fingerprint`: it names what the ids mean, whichever file
-or directory holds the tokenizer.  `head_sha256` hashes an input's first MiB (cheap, and enough to tell
-two corpora apart).  The checks that read a sidecar are in prefix_check.py.
+or directory holds the tokenizer.  `head_sha256` hashes an input's first 64 KiB (cheap for millions of
+files, and enough to tell two corpora apart).  The checks that read a sidecar are in prefix_check.py.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tidar_megatron.data.tokenizer import Tokenizer
 SUFFIX = ".meta.json"
 FORMAT = "tidar-megatron tokenized data"
 FORMAT_VERSION = 1
-_HEAD_BYTES = 1 << 20
+_HEAD_BYTES = 64 << 10
 
 
 def path_of(prefix: str) -> Path:

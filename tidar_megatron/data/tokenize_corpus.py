@@ -288,11 +288,11 @@ def tokenize_corpus(inputs: list[str], output_prefix: str, tokenizer: str, *, te
         first = f" (first: {skipped[0].location}: {skipped[0].reason})" if skipped else ""
         raise InputError(f"no documents in {len(files)} input file(s) ({total['empty_files']} empty, "
                          f"{len(skipped)} bad documents{first}); nothing written to {output_prefix}.bin")
-    record = sidecar.build(tok, text_key=text_key, append_eod=append_eod, dtype=dtype, inputs=files,
-                           documents=total["docs"], tokens=total["tokens"],
-                           max_token_id=max(r["max_id"] for r in results.values()),
-                           empty_files=total["empty_files"], skipped=skipped)
     try:
+        record = sidecar.build(tok, text_key=text_key, append_eod=append_eod, dtype=dtype, inputs=files,
+                               documents=total["docs"], tokens=total["tokens"],
+                               max_token_id=max(r["max_id"] for r in results.values()),
+                               empty_files=total["empty_files"], skipped=skipped)
         _merge_shards(prefixes, results, output_prefix, dtype, record)
     except OSError as e:
         raise InputError(f"{_io_message(e, f'{output_prefix}.bin/.idx')}; the {len(chunks)} finished shards are "

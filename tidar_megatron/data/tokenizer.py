@@ -314,11 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     from tidar_megatron.data.corpus import find_inputs, iter_texts
     ap = argparse.ArgumentParser(prog="tidar-megatron train-tokenizer",
                                  description="Train a SentencePiece model that is lossless for source code.")
-    ap.add_argument("--input", nargs="+", required=True, help="files and/or directories (JSONL, text, source)")
+    ap.add_argument("--input", nargs="+", required=True, help="files and/or directories (JSONL, Parquet, Arrow, "
+                    "datasets directories, text, source)")
     ap.add_argument("--output", required=True, help="the .model file to write")
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    ap.add_argument("--text-key", default="text")
+    ap.add_argument("--text-key", default="text", help="JSONL key or Parquet/Arrow column holding the text")
     ap.add_argument("--glob", default="**/*")
     ap.add_argument("--sample-mb", type=float, default=2048,
                     help="read at most this many MB in total, spread evenly over the input files")
