@@ -20,17 +20,19 @@ PARQUET_SUFFIXES = {".parquet", ".pq"}
 ARROW_SUFFIXES = {".arrow", ".feather", ".ipc"}
 _ROWS_PER_BATCH = 256  # rows turned into Python strings at a time
 
+# No threads of pyarrow's own (jemalloc's background thread, set before pyarrow is first imported; below
+# use_threads=False, no pre-buffering, no file reader): the tokenizer forks its workers after planning, and
+# a thread alive at fork time may hold a lock the child then waits on forever (Python warns about it).
+# Processes are the parallelism here.
+os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
 
 
 def is_columnar(path: str) -> bool:
     return Path(path).suffix.lower() in PARQUET_SUFFIXES | ARROW_SUFFIXES
 
 
-# No threads of pyarrow's own (jemalloc's background thread, set before pyarrow is first imported; below
-# use_threads=False, no pre-buffering, no file reader): the tokenizer forks its workers after planning, and
-# a thread alive at fork time may hold a lock the child then waits on forever (Python warns about it).
-# Processes are the parallelism here.
-os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
+def _is_parquet(path: str) -> bool:
+    return Path(path).suffix.lower() in PARQUET_SUFFIXES
 
 
 def _pyarrow(path: str):
@@ -44,8 +46,9 @@ def _pyarrow(path: str):
 
 
 def dataset_dir_files(directory: str) -> list[str] | None:
-    """The Arrow files of a `datasets.save_to_disk` directory in the dataset's order, or None when
-    `directory` is not one.  A DatasetDict (several splits) is an error that names the splits."""
+    """The Arrow files of a `datasets.save_to_disk` directory in the dataset's order (its state.json lists
+    them), or None when `directory` is not one.  A DatasetDict (several splits) is an error that names the
+    splits."""
     d = Path(directory)
     if (d / "dataset_dict.json").is_file():
         splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
@@ -55,11 +58,9 @@ def dataset_dir_files(directory: str) -> list[str] | None:
     if not state.is_file():
         return None
     try:
-        names = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
-    except (ValueError, KeyError, TypeError):
-        raise InputError(f"{state}: not a datasets state.json (no _data_files list); is {directory} a "
-                         "datasets.save_to_disk directory?") from None
-    return [str(d / n) for n in names]
+        return [str(d / f["filename"]) for f in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError):  # another program's state.json: a plain directory
+        return None
 
 
 def _arrow_batches(pa, path: str):
@@ -88,25 +89,22 @@ def plan(path: str, chunk_bytes: int, text_key: str) -> list[Chunk]:
     """Chunks of consecutive row groups / record batches holding about `chunk_bytes` of text each (at
     least one unit each); reads only the file's metadata (Parquet) or batch headers (Arrow)."""
     pa = _pyarrow(path)
-    sizes = []  # (text bytes, rows) per unit
     try:
-        if Path(path).suffix.lower() in PARQUET_SUFFIXES:
+        if _is_parquet(path):  # text bytes per row group
             meta = pa.parquet.ParquetFile(path, pre_buffer=False).metadata
             column = _text_column(meta.schema.to_arrow_schema(), path, text_key)
-            for i in range(meta.num_row_groups):
-                group = meta.row_group(i)
-                sizes.append((group.column(column).total_uncompressed_size, group.num_rows))
-        else:
+            sizes = [meta.row_group(i).column(column).total_uncompressed_size for i in range(meta.num_row_groups)]
+        else:  # ... per record batch
             schema, batches = _arrow_batches(pa, path)
             column = _text_column(schema, path, text_key)
-            sizes = [(b.column(column).nbytes, b.num_rows) for b in batches]
+            sizes = [b.column(column).nbytes for b in batches]
     except pa.ArrowException as e:
-        raise InputError(f"{path}: not a readable {'Parquet' if Path(path).suffix.lower() in PARQUET_SUFFIXES else 'Arrow'} "
-                         f"file ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable {'Parquet' if _is_parquet(path) else 'Arrow'} file "
+                         f"({str(e).splitlines()[0]})") from None
     stamp = (os.stat(path).st_size, os.stat(path).st_mtime_ns)
-    total = sum(s for s, _ in sizes) or 1
+    total = sum(sizes) or 1
     chunks, start, taken = [], 0, 0
-    for i, (size, _) in enumerate(sizes):
+    for i, size in enumerate(sizes):
         taken += size
         if taken >= chunk_bytes or i == len(sizes) - 1:
             chunks.append(Chunk((path,), start, i + 1, stamp[0] * taken // total, (stamp,)))
@@ -119,7 +117,7 @@ def read(chunk: Chunk, text_key: str) -> Iterator[tuple[int, str | DocError]]:
     in order."""
     path = chunk.paths[0]
     pa = _pyarrow(path)
-    if Path(path).suffix.lower() in PARQUET_SUFFIXES:
+    if _is_parquet(path):
         parquet = pa.parquet.ParquetFile(path, pre_buffer=False)
         first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(chunk.start))
         end = parquet.metadata.num_row_groups if chunk.end < 0 else chunk.end
