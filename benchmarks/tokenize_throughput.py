@@ -1,10 +1,13 @@
-"""Tokenization throughput: ours (`data_prep/tokenize.py`) vs Megatron-LM's `tools/preprocess_data.py`.
+"""Tokenization throughput: ours (`data_prep/tokenize.py`) on JSONL and on Parquet, and Megatron-LM's
+`tools/preprocess_data.py` on the JSONL.
 
-Both run as separate processes, end to end (start-up, tokenization, writing .bin/.idx), with the same
-command line (Megatron-LM's flags, which ours accepts unchanged) on the same JSONL input, SentencePiece
-model and number of workers; the outputs must hold the same token ids and document boundaries.  Megatron-LM's script is not part of this repository and is never
-committed: pass its path with --megatron-script or MEGATRON_PREPROCESS, e.g. from a Megatron-LM checkout
-matching the installed megatron-core (0.19):
+All run as separate processes, end to end (start-up, tokenization, writing .bin/.idx), on the same
+documents, SentencePiece model and number of workers, with Megatron-LM's command line (which ours accepts
+unchanged); every output must hold the same token ids and document boundaries.  The Parquet copy holds the
+JSONL's documents in row groups of --rows-per-group rows (pyarrow's default compression, snappy), as
+FineWeb-style corpora ship.  Megatron-LM's script is not part of this repository and is never committed:
+pass its path with --megatron-script or MEGATRON_PREPROCESS to include it, e.g. from a Megatron-LM
+checkout matching the installed megatron-core (0.19):
 
     git -C Megatron-LM show core_v0.19.0:tools/preprocess_data.py > /tmp/scratch/preprocess_data.py
     python benchmarks/tokenize_throughput.py --megatron-script /tmp/scratch/preprocess_data.py
@@ -74,60 +77,72 @@ def read_ids(prefix: str):
     return tokens, np.array(ds.sequence_lengths), np.array(ds.document_indices)
 
 
+def write_parquet(jsonl: Path, path: Path, rows_per_group: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [json.loads(line)["text"] for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=rows_per_group)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--megatron-script", default=os.environ.get("MEGATRON_PREPROCESS"),
-                    help="path to Megatron-LM's tools/preprocess_data.py (or env MEGATRON_PREPROCESS)")
+                    help="path to Megatron-LM's tools/preprocess_data.py (or env MEGATRON_PREPROCESS): compared too")
     ap.add_argument("--input-mb", type=float, default=100)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--chunk-mb", type=float, default=16, help="our shard size")
+    ap.add_argument("--rows-per-group", type=int, default=256, help="Parquet row group size (documents)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--scratch", default=None, help="working directory (default: a temporary one)")
     args = ap.parse_args(argv)
-    if not args.megatron_script or not Path(args.megatron_script).is_file():
-        sys.exit("Megatron-LM's tools/preprocess_data.py is needed: pass --megatron-script PATH (see the "
-                 "module docstring for how to get it)")
+    if args.megatron_script and not Path(args.megatron_script).is_file():
+        sys.exit(f"--megatron-script {args.megatron_script}: not found (see the module docstring for how to get it)")
 
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="tok_bench_"))
     scratch.mkdir(parents=True, exist_ok=True)
     data = scratch / "input.jsonl"
     docs, size = make_input(data, args.input_mb)
+    parquet = scratch / "input.parquet"
+    write_parquet(data, parquet, args.rows_per_group)
     model = scratch / "sp.model"
     subprocess.run([sys.executable, str(REPO / "data_prep" / "train_tokenizer.py"), "--input", str(data),
                     "--output", str(model), "--vocab-size", str(args.vocab_size), "--sample-mb", "20",
                     "--max-sentences", "300000"], check=True, capture_output=True)
 
-    ours_prefix, theirs_prefix = scratch / "ours", scratch / "megatron"
-
-    def command_line(prefix):  # Megatron-LM's flags, for both tools
-        return ["--input", str(data), "--output-prefix", str(prefix), "--tokenizer-type", "SentencePieceTokenizer",
+    def command_line(source, prefix):  # Megatron-LM's flags, for every tool
+        return ["--input", str(source), "--output-prefix", str(prefix), "--tokenizer-type", "SentencePieceTokenizer",
                 "--tokenizer-model", str(model), "--json-keys", "text", "--append-eod", "--workers",
                 str(args.workers), "--log-interval", "100000"]
 
-    ours_cmd = [sys.executable, str(REPO / "data_prep" / "tokenize.py"), *command_line(ours_prefix), "--overwrite",
-                "--quiet", "--chunk-mb", str(args.chunk_mb)]
-    theirs_cmd = [sys.executable, args.megatron_script, *command_line(theirs_prefix)]
-    times = {"ours": [], "theirs": []}
+    ours = [sys.executable, str(REPO / "data_prep" / "tokenize.py")]
+    ours_flags = ["--overwrite", "--quiet", "--chunk-mb", str(args.chunk_mb)]
+    runs = {"ours, JSONL": ([*ours, *command_line(data, scratch / "jsonl"), *ours_flags], scratch / "jsonl"),
+            "ours, Parquet": ([*ours, *command_line(parquet, scratch / "parquet"), *ours_flags], scratch / "parquet")}
+    if args.megatron_script:
+        runs["Megatron-LM, JSONL"] = ([sys.executable, args.megatron_script, *command_line(data, scratch / "megatron")],
+                                      scratch / "megatron")
+    times = {name: [] for name in runs}
     for _ in range(args.repeats):
-        times["theirs"].append(timed(theirs_cmd, scratch))
-        times["ours"].append(timed(ours_cmd, scratch))
-    t_ours, t_theirs = min(times["ours"]), min(times["theirs"])
+        for name, (cmd, _) in runs.items():
+            times[name].append(timed(cmd, scratch))
+    best = {name: min(t) for name, t in times.items()}
 
-    ours = read_ids(f"{ours_prefix}_text_document")
-    theirs = read_ids(f"{theirs_prefix}_text_document")
-    same = all(np.array_equal(a, b) for a, b in zip(ours, theirs))
-    n_tokens = len(ours[0])
+    ids = {name: read_ids(f"{prefix}_text_document") for name, (_, prefix) in runs.items()}
+    reference = ids["ours, JSONL"]
+    same = {name: all(np.array_equal(a, b) for a, b in zip(reference, got)) for name, got in ids.items()}
+    n_tokens = len(reference[0])
     print(f"device: CPU only ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
           f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M %Z')}")
-    print(f"input: {docs:,} documents, {size / 1e6:.1f} MB JSONL; {n_tokens:,} tokens; vocab {args.vocab_size}; "
+    print(f"input: {docs:,} documents, {size / 1e6:.1f} MB JSONL, {parquet.stat().st_size / 1e6:.1f} MB Parquet "
+          f"({args.rows_per_group} rows per row group); {n_tokens:,} tokens; vocab {args.vocab_size}; "
           f"workers {args.workers}")
-    print(f"{'tool':<28}{'seconds':>10}{'tokens/s':>14}{'MB/s':>8}")
-    for name, dt in (("ours (data_prep/tokenize.py)", t_ours), ("Megatron-LM preprocess_data", t_theirs)):
-        print(f"{name:<28}{dt:>10.2f}{n_tokens / dt:>14,.0f}{size / dt / 1e6:>8.2f}")
-    print(f"all runs (s): ours {times['ours']}, Megatron-LM {times['theirs']}")
-    print(f"speed-up: {t_theirs / t_ours:.2f}x; identical token ids and document boundaries: {same}")
-    return 0 if same else 1
+    print(f"{'tool':<22}{'seconds':>10}{'tokens/s':>14}{'vs ours, JSONL':>16}  same ids")
+    for name, dt in best.items():
+        print(f"{name:<22}{dt:>10.2f}{n_tokens / dt:>14,.0f}{best['ours, JSONL'] / dt:>15.2f}x  {same[name]}")
+    print("all runs (s): " + "; ".join(f"{name} {t}" for name, t in times.items()))
+    return 0 if all(same.values()) else 1
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def test_round_trip_source_tree_text_and_jsonl(tmp_path, sp_model):
     for g, e in zip(got, expected):
         assert g.encode("utf-8") == e.encode("utf-8")
     assert not (tmp_path / "out" / "corpus.shards").exists()  # merged and cleaned up
-    assert sorted(os.listdir(tmp_path / "out")) == ["corpus.bin", "corpus.idx"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["corpus.bin", "corpus.idx", "corpus.meta.json"]
 
 
 def _maybe_zstd(tmp_path):
@@ -112,29 +112,41 @@ def bad_corpus(tmp_path):
     return path, binary
 
 
+BAD = [(301, "malformed JSON"), (302, "missing key 'text'"), (303, "invalid UTF-8"), (304, "empty document"),
+       (305, "key 'text' holds int, not a string")]
+
+
 def test_bad_input_is_reported_with_file_and_line_and_skipped(tmp_path, sp_model, capsys):
+    """The summary names the first few bad documents (file:line and why); the sidecar lists them all."""
     path, binary = bad_corpus(tmp_path)
     summary = tokenize_corpus([str(path), str(binary.parent)], str(tmp_path / "out"), sp_model, workers=2,
-                              chunk_mb=0.004, progress=True)  # ~4 KB chunks: the errors are in a late one
+                              chunk_mb=0.004, progress=True, max_errors_shown=3)  # ~4 KB chunks: errors in a late one
     err = capsys.readouterr().err
     assert summary["shards"] > 3 and summary["error_count"] == 6 and summary["docs"] == 301
-    for line, reason in [(301, "malformed JSON"), (302, "missing key 'text'"), (303, "invalid UTF-8"),
-                         (304, "empty document"), (305, "key 'text' holds int, not a string")]:
-        assert f"skipped {path}:{line}: {reason}" in err
-    assert f"skipped {binary}:3: invalid UTF-8" in err
+    listed = [line for line in err.splitlines() if line.startswith("skipped ")]
+    assert len(listed) == 3 and all(got.startswith(f"skipped {path}:{line}: {reason}")
+                                    for got, (line, reason) in zip(listed, BAD))
+    assert f"... and 3 more: all are listed in {tmp_path / 'out'}.meta.json" in err
     assert "skipped 6 bad documents" in err
     assert "301 docs |" in err and " tok/s | " in err and " MB/s | " in err and "ETA" in err  # progress line
     assert read_back(tmp_path / "out", Tokenizer(sp_model))[-1] == "last"
+    record = json.loads((tmp_path / "out.meta.json").read_text())["skipped"]
+    assert record["count"] == 6 and [(d["file"], d["line"]) for d in record["documents"]] == \
+        [(str(path), line) for line, _ in BAD] + [(str(binary), 3)]
+    assert all(want in d["reason"] for d, (_, want) in zip(record["documents"], BAD))
 
 
-def test_on_error_fail_leaves_no_output(tmp_path, sp_model):
+def test_on_error_fail_leaves_no_output_and_prints_one_line(tmp_path, sp_model, capsys):
     path, _ = bad_corpus(tmp_path)
-    with pytest.raises(FatalDocumentError, match=rf"{path}:301: malformed JSON"):
-        tokenize_corpus([str(path)], str(tmp_path / "out"), sp_model, workers=2, chunk_mb=0.004,
-                        on_error="fail", progress=False)
+    args = ["--input", str(path), "--output-prefix", str(tmp_path / "out"), "--tokenizer", sp_model,
+            "--workers", "2", "--chunk-mb", "0.004", "--on-error", "fail"]
+    assert main(args) == 2  # not --quiet: the progress line must not stray in either
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"tidar-megatron tokenize: error: {path}:301: malformed JSON ("), err
+    assert err.strip().endswith("(--on-error fail)")
     leftovers = [p.name for p in tmp_path.rglob("*") if p.name.startswith("out.") and not p.is_dir()]
-    assert "out.bin" not in leftovers and "out.idx" not in leftovers
-    assert not [p for p in tmp_path.rglob("*.tmp")]
+    assert not {"out.bin", "out.idx", "out.meta.json"} & set(leftovers)
+    assert not [p for p in tmp_path.rglob("*.tmp*")]
 
 
 def test_cli_one_line_errors(tmp_path, sp_model, capsys):
@@ -228,3 +240,31 @@ def test_megatron_lm_preprocess_data_command_lines_work_unchanged(tmp_path, sp_m
         assert err == f"tidar-megatron tokenize: error: {err.split('error: ', 1)[1]}" and message in err, err
     with pytest.raises(SystemExit):  # argparse: an unknown tokenizer type lists the supported ones
         main(["--input", str(data), "--output-prefix", "o", "--tokenizer-type", "GPT2BPETokenizer"])
+
+
+def test_the_sidecar_says_what_made_the_data(tmp_path, sp_model):
+    """Every field checked against an independent source: the files themselves, hashlib, the .bin read back."""
+    import hashlib
+    import importlib.metadata
+
+    import numpy as np
+
+    path, _ = bad_corpus(tmp_path)
+    big = tmp_path / "big.txt"
+    big.write_text("x = 1\n" * 30_000)  # > 64 KiB: the hash covers the first 64 KiB only
+    tokenize_corpus([str(path), str(big)], str(tmp_path / "out"), sp_model, workers=1, progress=False)
+    record = json.loads((tmp_path / "out.meta.json").read_text())
+    tok = Tokenizer(sp_model)
+    assert record["tokenizer"] == {"path": sp_model, "vocabulary_fingerprint": tok.vocabulary_fingerprint,
+                                   "file_fingerprint": tok.fingerprint, "vocab_size": 600, "eod_id": tok.eod_id,
+                                   "mask_token": "<|mask|>", "mask_id": tok.mask_id}
+    assert record["tool"] == f"tidar-megatron {importlib.metadata.version('tidar_megatron')}"
+    assert record["inputs"] == [{"path": str(p), "bytes": p.stat().st_size,
+                                 "head_sha256": hashlib.sha256(p.read_bytes()[:64 << 10]).hexdigest()}
+                                for p in (path, big)]
+    ds = IndexedDataset(str(tmp_path / "out"))
+    tokens = np.concatenate([ds[i] for i in range(len(ds))])
+    assert (record["documents"], record["tokens"], record["max_token_id"], record["bin_bytes"]) == \
+        (len(ds), len(tokens), int(tokens.max()), (tmp_path / "out.bin").stat().st_size)
+    assert record["text_key"] == "text" and record["append_eod"] is True and record["dtype"] == "uint16"
+    assert record["skipped"]["count"] == 5 and record["skipped"]["documents"][0]["line"] == 301

@@ -4,6 +4,7 @@ rename.  The one write-then-rename helper of the project (checkpoints, exports, 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,16 @@ def atomic_path(path: str | Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sweep_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporaries `atomic_path` left beside `path` when its writer was killed (no `finally`
+    ran); returns them."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{glob.escape(path.name)}.tmp*"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:

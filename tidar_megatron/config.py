@@ -193,7 +193,14 @@ class TrainConfig(_Section):
 
 @dataclass
 class DataConfig(_Section):
-    blend: list[str] = option([], "[weight, prefix, weight, prefix, ...] or [prefix]: tokenized .bin/.idx data")
+    blend: list[str] = option([], "tokenized .bin/.idx prefixes: weight prefix weight prefix ... (--data.blend 0.7 "
+                              "data/a 0.3 data/b) or prefixes only, as Megatron-LM's --data-path")
+    blend_file: str | None = option(None, "a file holding the blend (Megatron-LM's --data-args-path), or JSON "
+                                    "{train: [...], valid: [...], test: [...]} (--per-split-data-args-path)")
+    train_blend: list[str] = option([], "a blend per split instead of data.blend and data.split (Megatron-LM's "
+                                    "--train-data-path); with data.valid_blend and data.test_blend")
+    valid_blend: list[str] = option([], "the validation blend (with data.train_blend)")
+    test_blend: list[str] = option([], "the test blend (with data.train_blend)")
     split: str = option("98,1,1", "train,valid,test proportions of the documents")
     tokenizer: str | None = option(None, "the tokenizer the data was tokenized with (.model file or HF directory)")
     loader: str = option("megatron", "megatron: torch DataLoader; dali: NVIDIA DALI pipeline", ("megatron", "dali"))
@@ -371,24 +378,29 @@ def load_config(preset: str | Path, overrides: list[str] | None = None) -> Confi
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
-    """['--a.b', '1', '--c.d=x'] -> [('a.b', 1), ('c.d', 'x')]; values are parsed as YAML scalars."""
+    """['--a.b', '1', '--c.d=x', '--e.f', 'y', 'z'] -> [('a.b', 1), ('c.d', 'x'), ('e.f', ['y', 'z'])]; values
+    are parsed as YAML scalars, several values after one option make a list (`--data.blend 0.7 a 0.3 b`)."""
     out, i = [], 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r} (command line): overrides look like --section.field value")
         if "=" in arg:
-            key, value = arg[2:].split("=", 1)
+            key, values = arg[2:].split("=", 1)[0], [arg.split("=", 1)[1]]
             i += 1
-        elif i + 1 < len(args) and not _is_override(args[i + 1]):
-            key, value = arg[2:], args[i + 1]
-            i += 2
         else:
-            raise ConfigError(f"override {arg} (command line) has no value")
+            key, values = arg[2:], []
+            while i + 1 + len(values) < len(args) and not _is_override(args[i + 1 + len(values)]):
+                values.append(args[i + 1 + len(values)])
+            if not values:
+                raise ConfigError(f"override {arg} (command line) has no value")
+            i += 1 + len(values)
         try:
-            out.append((key, yaml.safe_load(value)))
+            parsed = [yaml.safe_load(v) for v in values]
         except yaml.YAMLError:
-            raise ConfigError(f"--{key} (command line): {value!r} is not a value (quote it to pass a string)") from None
+            raise ConfigError(f"--{key} (command line): {' '.join(values)!r} is not a value (quote it to pass a "
+                              "string)") from None
+        out.append((key, parsed[0] if len(parsed) == 1 else parsed))
     return out
 
 

@@ -1,9 +1,10 @@
 """Input discovery and reading for tokenizer training and corpus tokenization.
 
-An input is a JSONL file (one JSON object per line, the text under a configurable key) or any other file,
-which is one document (source files, plain text).  gzip (.gz) and zstd (.zst/.zstd) are decompressed on the
-fly.  Work is cut into `Chunk`s whose boundaries depend only on the inputs, so a rerun after a crash plans
-exactly the same chunks and can reuse the ones already finished.
+An input is a JSONL file (one JSON object per line, the text under a configurable key), a Parquet or Arrow
+file or a `datasets.save_to_disk` directory (a row per document, the text in a column: columnar.py), or any
+other file, which is one document (source files, plain text).  gzip (.gz) and zstd (.zst/.zstd) are
+decompressed on the fly.  Work is cut into `Chunk`s whose boundaries depend only on the inputs, so a rerun
+after a crash plans exactly the same chunks and can reuse the ones already finished.
 """
 
 from __future__ import annotations
@@ -13,38 +14,14 @@ import gzip
 import io
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from tidar_megatron.errors import TiDARError
+from tidar_megatron.data import columnar
+from tidar_megatron.data.chunks import Chunk, DocError, InputError
 
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd"}
-
-
-class InputError(TiDARError):
-    """A problem with the inputs that stops the run (missing file, missing optional dependency)."""
-
-
-@dataclass(frozen=True)
-class DocError:
-    """A bad document.  For a JSONL chunk cut mid-file `line` counts from the chunk's start; the caller
-    adds the lines of the earlier chunks of that file."""
-    path: str
-    line: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A unit of work: a byte range [start, end) of one uncompressed JSONL file (end=-1: to the end), or a
-    run of whole files each of which is one document (or whole compressed JSONL files)."""
-    paths: tuple[str, ...]
-    start: int = 0
-    end: int = -1
-    disk_bytes: int = 0
-    stamps: tuple[tuple[int, int], ...] = field(default=())  # (size, mtime_ns) per path, for resume
 
 
 def _suffixes(path: str) -> tuple[str, str]:
@@ -100,13 +77,20 @@ def is_binary(path: str) -> bool:
 def find_inputs(paths: list[str], glob: str = "**/*", text_only: bool = True) -> list[str]:
     """Expand files and directories (recursively, with `glob`) into a sorted, de-duplicated file list.
 
-    From directories only text files are taken (`text_only`): a source tree's `__pycache__/*.pyc`, images
-    or archives are not documents.  Files named explicitly are always taken (and reported if bad)."""
+    A `datasets.save_to_disk` directory gives its Arrow files in the dataset's order, and a directory that
+    holds Parquet / Arrow files gives only those (a dataset's README is no document).  From other
+    directories only text files are taken (`text_only`): a source tree's `__pycache__/*.pyc`, images or
+    archives are not documents.  Files named explicitly are always taken (and reported if bad)."""
     found: list[str] = []
     for p in paths:
-        if os.path.isdir(p):
+        if os.path.isdir(p) and (dataset := columnar.dataset_dir_files(p)) is not None:
+            found.extend(dataset)
+        elif os.path.isdir(p):
             matches = sorted(str(f) for f in Path(p).glob(glob) if f.is_file())
-            if text_only:
+            tables = [f for f in matches if columnar.is_columnar(f)]
+            if tables:
+                matches = tables
+            elif text_only:
                 matches = [f for f in matches if not is_binary(f)]
             if not matches:
                 raise InputError(f"{p}: no {'text ' if text_only else ''}files match --glob '{glob}'")
@@ -123,9 +107,10 @@ def _stamp(path: str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def plan_chunks(files: list[str], chunk_bytes: int) -> list[Chunk]:
-    """Cut uncompressed JSONL at line starts every ~chunk_bytes; pack consecutive one-document files into
-    chunks of ~chunk_bytes; a compressed JSONL file cannot be seeked, so it is one chunk."""
+def plan_chunks(files: list[str], chunk_bytes: int, text_key: str = "text") -> list[Chunk]:
+    """Cut uncompressed JSONL at line starts every ~chunk_bytes and Parquet / Arrow files at row groups /
+    record batches; pack consecutive one-document files into chunks of ~chunk_bytes; a compressed JSONL
+    file cannot be seeked, so it is one chunk."""
     chunks: list[Chunk] = []
     group: list[str] = []
     group_bytes = 0
@@ -138,6 +123,10 @@ def plan_chunks(files: list[str], chunk_bytes: int) -> list[Chunk]:
 
     for path in files:
         size = os.path.getsize(path)
+        if columnar.is_columnar(path):
+            flush()
+            chunks.extend(columnar.plan(path, chunk_bytes, text_key))
+            continue
         if not is_jsonl(path):
             group.append(path)
             group_bytes += size
@@ -182,7 +171,7 @@ def _parse_json_line(path: str, raw: bytes, n: int, text_key: str) -> str | DocE
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        return DocError(path, n, f"malformed JSON ({e.msg} at column {e.colno})")
+        return DocError(path, n, f"malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
     if not isinstance(obj, dict) or text_key not in obj:
         return DocError(path, n, f"missing key '{text_key}' (set --text-key)")
     text = obj[text_key]
@@ -198,6 +187,9 @@ def _parse_json_line(path: str, raw: bytes, n: int, text_key: str) -> str | DocE
 def read_chunk(chunk: Chunk, text_key: str = "text") -> Iterator[tuple[int, str | DocError | None]]:
     """Yield (input bytes consumed, the document's text, a DocError, or None for an empty file), in input
     order."""
+    if len(chunk.paths) == 1 and columnar.is_columnar(chunk.paths[0]):
+        yield from columnar.read(chunk, text_key)
+        return
     if len(chunk.paths) == 1 and is_jsonl(chunk.paths[0]):
         path = chunk.paths[0]
         with open_binary(path) as f:

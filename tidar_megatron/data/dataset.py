@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 from torch.utils.data import DataLoader, default_collate
 
 from tidar_megatron.data.batch import PackedDocuments, from_gpt_batch
+from tidar_megatron.data.blend import Blends
+from tidar_megatron.data.blend import check as check_blends
+from tidar_megatron.data.blend import parse as parse_blend
+from tidar_megatron.data.prefix_check import VocabularyGuard
 from tidar_megatron.layout import TiDARLayout
 
 
@@ -29,75 +33,43 @@ class TokenIds:
         self.unique_identifiers = {"class": "TokenIds", "eod": self.eod, "vocab_size": self.vocab_size}
 
 
-def parse_blend(blend: list[str] | tuple[list[str], list[float] | None]):
-    """Megatron's flat form [weight, prefix, weight, prefix, ...] or [prefix, ...] -> (prefixes, weights)."""
-    if isinstance(blend, tuple):
-        return blend
-    from megatron.core.datasets.utils import get_blend_from_list
-    return get_blend_from_list(list(blend))
-
-
-def build_gpt_datasets(blend, split: str, sequence_length: int, seed: int, tokenizer,
+def build_gpt_datasets(blend: Blends | list[str], split: str, sequence_length: int, seed: int, tokenizer,
                        num_samples: list[int | None], cache_dir: str | None = None,
                        eod_mask_loss: bool = False):
     """[train, valid, test] `GPTDataset`s (or `BlendedDataset`s) of clean samples: dicts of tokens [L],
     labels [L] (next tokens), loss_mask [L], position_ids [L].
 
-    `tokenizer` needs `eod`, `vocab_size`, `unique_identifiers` (our `Tokenizer`, or `TokenIds`).
-    `num_samples` are the samples each split must provide (None: one epoch; 0: the split is not built, it
-    returns None); `cache_dir` holds the
-    shuffle/sample index files, which are keyed by the config, so two builds with the same seed agree.
-    Call on every rank: Megatron's builder synchronises ranks when torch.distributed is initialised.
+    `blend`: the run's `Blends` (blend.resolve) or Megatron's flat list [weight, prefix, ...] / [prefix, ...]
+    cut by `split`.  `tokenizer` needs `eod`, `vocab_size`, `unique_identifiers` (our `Tokenizer`, or
+    `TokenIds`).  `num_samples` are the samples each split must provide (None: one epoch; 0: the split is
+    not built, it returns None); `cache_dir` holds the shuffle/sample index files, which are keyed by the
+    config, so two builds with the same seed agree.  Call on every rank: Megatron's builder synchronises
+    ranks when torch.distributed is initialised.
     """
     with warnings.catch_warnings():  # megatron.core warns about missing TE/Apex on import
         warnings.simplefilter("ignore")
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    prefixes, weights = parse_blend(blend)
-    for p in prefixes:
+    blends = blend if isinstance(blend, Blends) else Blends(parse_blend(blend, "blend"), None, "blend")
+    for p in blends.prefixes:
         if not (os.path.exists(f"{p}.idx") and os.path.exists(f"{p}.bin")):
             raise FileNotFoundError(f"data prefix {p}: {p}.bin/.idx not found; create them with `tidar-megatron tokenize`")
+    check_blends(blends, split, num_samples, sequence_length)
+    if blends.whole is not None:
+        sources = dict(blend=blends.whole.megatron(), split=split)
+    else:
+        sources = dict(blend_per_split=[b.megatron() if b and wanted != 0 else None
+                                        for b, wanted in zip(blends.per_split, num_samples)])
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=sequence_length, blend=(list(prefixes), weights), split=split,
-        path_to_cache=cache_dir, tokenizer=tokenizer, reset_position_ids=False, reset_attention_mask=False,
-        eod_mask_loss=eod_mask_loss, create_attention_mask=False,  # TiDAR's mask comes from the layout
-        mid_level_dataset_surplus=0.005)
-    for i, wanted in enumerate(num_samples):
-        if wanted == 0:
-            config.split_matrix[i] = None
-    check_splits_have_tokens(blend, split, num_samples)
+        random_seed=seed, sequence_length=sequence_length, path_to_cache=cache_dir, tokenizer=tokenizer,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=eod_mask_loss,
+        create_attention_mask=False,  # TiDAR's mask comes from the layout
+        mid_level_dataset_surplus=0.005, **sources)
+    if blends.whole is not None:
+        for i, wanted in enumerate(num_samples):
+            if wanted == 0:
+                config.split_matrix[i] = None
     return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
-
-
-def check_splits_have_tokens(blend, split: str, num_samples):
-    """Megatron loops forever building a split that has samples to give but no tokens; say so instead
-    (a ConfigError, so a run can check it before any process group).  Document ranges are computed as
-    Megatron's builder computes them."""
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from tidar_megatron.config import ConfigError
-
-    try:
-        split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    except Exception:  # Megatron asserts on a malformed split
-        raise ConfigError(f"data.split={split!r}: give three non-negative proportions, e.g. 98,1,1") from None
-    prefixes, _ = parse_blend(blend)
-    for prefix in prefixes:
-        index = IndexedDataset(prefix)
-        num_docs = len(index.document_indices) - 1
-        for name, bounds, wanted in zip(("train", "valid", "test"), split_matrix, num_samples):
-            if bounds is None or wanted == 0:
-                continue
-            beg, end = (int(round(b * num_docs)) for b in bounds)
-            seqs = index.document_indices[beg:end + 1]
-            tokens = int(index.sequence_lengths[seqs[0]:seqs[-1]].sum()) if end > beg else 0
-            if tokens == 0:
-                raise ConfigError(f"data prefix {prefix}: the {name} split of data.split={split!r} holds no "
-                                 f"tokens ({num_docs} documents in all); add data or change data.split")
 
 
 class ResumableBatchSampler:
@@ -132,11 +104,12 @@ class ResumableTiDARBatches:
 
     def __init__(self, dataset, micro_batch_size: int, layout: TiDARLayout, mask_token_id: int,
                  consumed_samples: int = 0, dp_rank: int = 0, dp_size: int = 1,
-                 documents: PackedDocuments | None = None):
+                 documents: PackedDocuments | None = None, guard: VocabularyGuard | None = None):
         """`layout`: of one sample (the run's `Config.layout`); its clean_len is the dataset's sequence length.
-        `documents`: keep the packed documents apart (then every batch carries its own layout)."""
+        `documents`: keep the packed documents apart (then every batch carries its own layout).  `guard`:
+        checks every batch's token ids against the vocabulary."""
         self.dataset, self.mb, self.layout, self.mask_token_id = dataset, micro_batch_size, layout, mask_token_id
-        self.documents = documents
+        self.documents, self.guard = documents, guard
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = consumed_samples
         self._clean = None
@@ -161,6 +134,8 @@ class ResumableTiDARBatches:
         if self._clean is None:
             self._clean = self._clean_batches()
         batch = next(self._clean)
+        if self.guard is not None:
+            self.guard(batch["tokens"], batch["labels"])
         self.consumed_samples += self.mb * self.dp_size
         return from_gpt_batch(self.layout, batch, self.mask_token_id, self.documents)
 

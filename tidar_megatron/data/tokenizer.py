@@ -7,13 +7,16 @@ The wrapper is also what Megatron-core's dataset config expects as `tokenizer` (
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
+import numpy as np
 import sentencepiece as spm
 
 from tidar_megatron.atomic import write_atomic
@@ -27,6 +30,10 @@ _LINES = re.compile(r"\n|[^\n]+")
 _LINE_CACHE_MAX = 1 << 20  # entries; cleared when full
 # SentencePiece's refusal when the corpus's characters and the reserved pieces do not fit the vocabulary
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)")
+_CACHED_LINE_CHARS = 1024  # longer lines seldom repeat: not kept
+# Documents longer than this (characters) are encoded in pieces where the model allows it (encode_array):
+# SentencePiece's memory grows with the text it is given at once (~45 bytes per character on one line).
+SEGMENT_CHARS = 1 << 20
 
 
 class TokenizerError(TiDARError):
@@ -88,6 +95,51 @@ def _lines_are_independent(path: Path, sp) -> bool:
     return not any("\n" in piece and piece != "\n" for piece in map(sp.id_to_piece, range(sp.get_piece_size())))
 
 
+def _spaces_lead_pieces(sp) -> bool:
+    """True when every piece holds its whitespace (META_SPACE) only at its start: no piece then spans a
+    non-space character followed by a space, so text cut before such a space encodes to the same ids."""
+    return all(META_SPACE not in piece.lstrip(META_SPACE)
+               for piece in map(sp.id_to_piece, range(sp.get_piece_size())))
+
+
+def _next_cut(text: str, start: int, size: int, words: bool) -> int:
+    """Where the segment of `text` that begins at `start` ends: after the last newline within `size`
+    characters, else (`words`) before the last space there that follows a non-space, else at the first
+    such place further on, else at the end of the text."""
+    limit = start + size
+    cut = text.rfind("\n", start, limit) + 1
+    if cut > start:
+        return cut
+    if words:
+        space = text.rfind(" ", start + 1, limit)
+        while space > start and text[space - 1] == " ":
+            space = text.rfind(" ", start + 1, space)
+        if space > start:
+            return space
+    newline = text.find("\n", limit)
+    ahead = len(text) if newline < 0 else newline + 1
+    if words:
+        match = _WORD_START.search(text, limit, ahead)
+        if match:
+            return match.start() + 1
+    return ahead
+
+
+_WORD_START = re.compile(r"[^ \n] ")
+
+
+def segments(text: str, size: int, words: bool) -> Iterator[str]:
+    """`text` cut into pieces of about `size` characters at line ends, and also before words (`words`)
+    where a line is longer than `size`."""
+    start = 0
+    while len(text) - start > size:
+        cut = _next_cut(text, start, size, words)
+        yield text[start:cut]
+        start = cut
+    if start < len(text):
+        yield text[start:]
+
+
 class Tokenizer:
     """encode / decode / eod_id / mask_id / vocab_size over a SentencePiece model or a HF tokenizer dir.
 
@@ -136,6 +188,7 @@ class Tokenizer:
         no_prefix = sp.encode("a", out_type=str)[:1] == ["a"]
         self._meta_ids = byte_ids if no_prefix and all(sp.is_byte(i) for i in byte_ids) else None
         self._line_cache = {} if _lines_are_independent(p, sp) else None
+        self._word_cuts = self._line_cache is not None and _spaces_lead_pieces(sp)
 
     def _load_hf(self, p: Path):
         try:
@@ -154,6 +207,15 @@ class Tokenizer:
         self.mask_id = vocab.get(self.mask_token, hf.mask_token_id if hf.mask_token_id is not None else base)
         self.vocab_size = max(base, self.mask_id + 1)
         self._base_vocab = base
+
+    @functools.cached_property
+    def vocabulary_fingerprint(self) -> str:
+        """What token ids mean, whichever file or directory holds the tokenizer: a hash of every id's piece
+        (the base vocabulary, without an appended mask token) and the end-of-document id.  Data tokenized by
+        one tokenizer reads the same under another exactly when the two fingerprints are equal."""
+        ids = list(range(self._base_vocab))
+        pieces = self._sp.id_to_piece(ids) if self._hf is None else self._hf.convert_ids_to_tokens(ids)
+        return hashlib.sha256(json.dumps([pieces, self.eod_id]).encode()).hexdigest()[:16]
 
     @property
     def encodes_by_line(self) -> bool:
@@ -183,14 +245,25 @@ class Tokenizer:
             cache.clear()
         lines = _LINES.findall(text)
         missing = [line for line in dict.fromkeys(lines) if line not in cache]
+        encoded = {}
         if missing:
-            encoded = ([self._encode_sp(m) for m in missing] if self._meta_ids is not None and
-                       any(META_SPACE in m for m in missing) else self._sp.encode(missing))
-            cache.update(zip(missing, encoded))
+            encoded = dict(zip(missing, [self._encode_sp(m) for m in missing] if self._meta_ids is not None and
+                               any(META_SPACE in m for m in missing) else self._sp.encode(missing)))
+            cache.update((line, ids) for line, ids in encoded.items() if len(line) <= _CACHED_LINE_CHARS)
         ids: list[int] = []
         for line in lines:
-            ids += cache[line]
+            ids += cache.get(line) or encoded[line]
         return ids
+
+    def encode_array(self, text: str, dtype, segment_chars: int = SEGMENT_CHARS) -> np.ndarray:
+        """encode(text) as an array of `dtype`.  A text longer than `segment_chars` is encoded segment by
+        segment where the model provably cuts there itself (models that encode by line: at line ends, and
+        before a word where a line is longer), so the ids are the same and memory follows the segment, not
+        the document (a 200 MB document would otherwise take gigabytes); other models get it whole."""
+        if len(text) <= segment_chars or not self.encodes_by_line:
+            return np.asarray(self.encode(text), dtype=dtype)
+        parts = [np.asarray(self.encode(part), dtype=dtype) for part in segments(text, segment_chars, self._word_cuts)]
+        return np.concatenate(parts)
 
     def _encode_sp(self, text: str) -> list[int]:
         if self._meta_ids is None or META_SPACE not in text:
@@ -243,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     from tidar_megatron.data.corpus import find_inputs, iter_texts
     ap = argparse.ArgumentParser(prog="tidar-megatron train-tokenizer",
                                  description="Train a SentencePiece model that is lossless for source code.")
-    ap.add_argument("--input", nargs="+", required=True, help="files and/or directories (JSONL, text, source)")
+    ap.add_argument("--input", nargs="+", required=True, help="files and/or directories (JSONL, Parquet, Arrow, "
+                    "datasets directories, text, source)")
     ap.add_argument("--output", required=True, help="the .model file to write")
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    ap.add_argument("--text-key", default="text")
+    ap.add_argument("--text-key", default="text", help="JSONL key or Parquet/Arrow column holding the text")
     ap.add_argument("--glob", default="**/*")
     ap.add_argument("--sample-mb", type=float, default=2048,
                     help="read at most this many MB in total, spread evenly over the input files")

@@ -51,7 +51,8 @@ def evaluate(model_dir, output, data: str | None = None, seq_length: int = 1024,
     results = {"model": str(model_dir), "date": datetime.date.today().isoformat(), "device": _device_name(device),
                "dtype": str(dtype).removeprefix("torch."), "block_sizes": block_sizes, "beta": beta}
     if data is not None:
-        documents = likelihood.read_documents(data, decoder.model.args.vocab_size)
+        documents = likelihood.read_documents(data, decoder.model.args.vocab_size,
+                                              _tokenizer_or_none(model_dir, load_tokenizer))
         scored = likelihood.score(decoder.model, documents, seq_length, block_sizes[0], decoder.mask_token_id,
                                   batch_size, ProgressBar("likelihood", " windows", progress))
         results.update(data=str(data), seq_length=seq_length, likelihood=scored,

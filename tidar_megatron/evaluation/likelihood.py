@@ -13,6 +13,7 @@ the model's vocabulary.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import defaultdict
 
@@ -20,28 +21,26 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tidar_megatron.errors import TiDARError
+from tidar_megatron.data.prefix_check import DataError, check_prefix, indexed_dataset
+from tidar_megatron.data.tokenizer import Tokenizer
 from tidar_megatron.inference.model import Transformer
 from tidar_megatron.layout import TiDARLayout
 
 
-class DataError(TiDARError, ValueError):
-    pass
 
 
-def read_documents(prefix: str, vocab_size: int) -> list[np.ndarray]:
-    """The documents of `prefix`.bin/.idx as int64 arrays, checked against the vocabulary."""
+def read_documents(prefix: str, vocab_size: int, tokenizer: Tokenizer | None = None) -> list[np.ndarray]:
+    """The documents of `prefix`.bin/.idx as int64 arrays, checked against the vocabulary, and, given the
+    model's `tokenizer`, the pair checked whole and made by it (prefix_check.check_prefix); a prefix
+    without a sidecar gets a note on stderr."""
     import os
-    import warnings
 
     for ext in (".bin", ".idx"):
         if not os.path.exists(prefix + ext):
             raise DataError(f"--data {prefix}: {prefix}{ext} not found; give the prefix of a .bin/.idx pair "
                             "made by `tidar-megatron tokenize`")
-    with warnings.catch_warnings():  # megatron.core warns about missing TE/Apex on import
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-    dataset = IndexedDataset(prefix)
+    info = check_prefix(prefix, tokenizer, "the model's tokenizer", what="--data")
+    dataset = indexed_dataset(prefix)
     bounds = dataset.document_indices
     documents = []
     for d in range(len(bounds) - 1):
@@ -54,6 +53,8 @@ def read_documents(prefix: str, vocab_size: int) -> list[np.ndarray]:
     if top >= vocab_size:
         raise DataError(f"--data {prefix}: token id {top} is outside the model's vocabulary ({vocab_size} ids); "
                         "was it tokenized with this model's tokenizer?")
+    if info.note:
+        print(f"note: {info.note}", file=sys.stderr)
     return documents
 
 

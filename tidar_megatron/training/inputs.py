@@ -3,7 +3,9 @@ turned into TiDAR (or, for the AR objective, causal) micro-batches by the run's 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Callable
 
 from tidar_megatron.config import Config
 from tidar_megatron.data.batch import PackedDocuments
@@ -17,24 +19,48 @@ def split_sizes(cfg: Config) -> list[int]:
     return [t.train_steps * t.global_batch_size, eval_samples if t.eval_interval and t.eval_iters else 0, 0]
 
 
-def build_data(cfg: Config, tokenizer: Tokenizer, consumed_samples: int):
+def data_summary(cfg: Config) -> list[str]:
+    """The lines a run starts with: each training dataset's weight, documents, tokens and the epochs the
+    run takes of it, then a note for every prefix without a sidecar (its tokenizer was not checked)."""
+    from tidar_megatron.data import blend
+    from tidar_megatron.data.prefix_check import check_prefix
+
+    blends = blend.resolve(cfg.data)
+    sizes = split_sizes(cfg)
+    lines = blend.describe(blend.contents(blends, cfg.data.split), sizes, cfg.train.seq_length)
+    notes = [check_prefix(p).note for p in blends.prefixes]
+    return lines + [f"note: {n}" for n in notes if n]
+
+
+def build_data(cfg: Config, tokenizer: Tokenizer, consumed_samples: int,
+               report: Callable[[str], None] | None = None):
     """Train iterator (resumable) and a factory of fresh validation iterators (None without a valid split).
-    Needs Megatron's parallel state."""
+    Needs Megatron's parallel state.  Global rank 0 reports `data_summary` through `report` (default: a
+    line on stderr each)."""
+    import torch
     from megatron.core import parallel_state as ps
 
+    from tidar_megatron.data import blend
     from tidar_megatron.data.dataset import TiDARBatches, build_gpt_datasets
+    from tidar_megatron.data.prefix_check import VocabularyGuard
 
     d, t = cfg.data, cfg.train
+    if torch.distributed.get_rank() == 0:
+        for line in data_summary(cfg):
+            (report or (lambda text: print(text, file=sys.stderr, flush=True)))(line)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    blends = blend.resolve(d)
     train_ds, valid_ds, _ = build_gpt_datasets(
-        d.blend, d.split, t.seq_length, t.seed, tokenizer, split_sizes(cfg), cache_dir=d.cache_dir or str(Path(cfg.checkpoint.dir) / "data_cache"), eod_mask_loss=d.eod_mask_loss)
+        blends, d.split, t.seq_length, t.seed, tokenizer, split_sizes(cfg),
+        cache_dir=d.cache_dir or str(Path(cfg.checkpoint.dir) / "data_cache"), eod_mask_loss=d.eod_mask_loss)
 
     documents = None
     if d.reset_attention_mask or d.reset_position_ids:
         documents = PackedDocuments(tokenizer.eod, attention=d.reset_attention_mask, positions=d.reset_position_ids)
+    guard = VocabularyGuard(blends.prefixes, tokenizer.vocab_size, f"data.tokenizer {d.tokenizer}")
 
     def batches(ds, consumed):
-        common = dict(consumed_samples=consumed, dp_rank=dp_rank, dp_size=dp, documents=documents)
+        common = dict(consumed_samples=consumed, dp_rank=dp_rank, dp_size=dp, documents=documents, guard=guard)
         args = (ds, t.micro_batch_size, cfg.layout, cfg.tidar.mask_token_id)
         if d.loader == "dali":
             from tidar_megatron.data.dali_loader import DaliTiDARBatches  # a clear error when DALI is absent

@@ -7,7 +7,6 @@ fixes the vocabulary: `config.resolve_vocabulary`), the checkpoint paths and the
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -17,26 +16,23 @@ from tidar_megatron.data.tokenizer import Tokenizer
 
 
 def check_data(cfg: Config) -> Tokenizer:
-    """The data prefixes exist and the tokenizer loads; fills the vocabulary from it.  Returns it."""
-    from tidar_megatron.data.dataset import check_splits_have_tokens, parse_blend
+    """The blend names whole .bin/.idx pairs made by data.tokenizer (prefix_check.check_prefix), every split
+    it feeds has tokens, and the tokenizer loads; fills the vocabulary from it.  Returns it."""
+    from tidar_megatron.data import blend
+    from tidar_megatron.data.prefix_check import check_made_by, check_prefix
     from tidar_megatron.training.inputs import split_sizes
 
     d = cfg.data
-    if not d.blend:
-        raise ConfigError("data.blend is empty: point it at tokenized data (prefixes of .bin/.idx made by "
-                          "`tidar-megatron tokenize`), e.g. --data.blend runs/data/corpus")
+    blends = blend.resolve(d)
+    prefixes = [check_prefix(prefix) for prefix in blends.prefixes]
     if not d.tokenizer:
         raise ConfigError("data.tokenizer is not set: give the tokenizer the data was tokenized with "
                           "(--data.tokenizer tok.model)")
-    prefixes, _ = parse_blend(d.blend)
-    for prefix in prefixes:
-        missing = [f"{prefix}{ext}" for ext in (".bin", ".idx") if not os.path.exists(f"{prefix}{ext}")]
-        if missing:
-            raise ConfigError(f"data.blend: {' and '.join(missing)} not found; create them with "
-                              f"`tidar-megatron tokenize --output-prefix {prefix} ...`")
     tokenizer = Tokenizer(d.tokenizer)
+    for info in prefixes:
+        check_made_by(info, tokenizer)
     resolve_vocabulary(cfg, tokenizer.vocab_size, tokenizer.mask_id, f"data.tokenizer {d.tokenizer}")
-    check_splits_have_tokens(d.blend, d.split, split_sizes(cfg))
+    blend.check(blends, d.split, split_sizes(cfg), cfg.train.seq_length)
     return tokenizer
 
 
