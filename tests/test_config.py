@@ -112,7 +112,7 @@ def test_an_override_that_is_not_yaml_is_a_one_line_error():
     assert "\n" not in str(err.value)
 
 def test_import_hf_picks_the_recipe_for_the_model_size():
-    from tidar_megatron.convert.hf_config import parse_hf_config
+    from tidar_megatron.hf.config import parse_hf_config
     from tidar_megatron.convert.hf_import import recipe_preset
 
     qwen25_15b = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,

@@ -1,10 +1,17 @@
 """`tidar-megatron export`: a TiDAR Megatron checkpoint (any TP/PP) -> a Hugging Face directory.
 
-    tidar-megatron export --checkpoint <ckpt> --output <dir> [--tokenizer PATH] [--chat-template FILE] [--force]
+    tidar-megatron export --checkpoint <ckpt> --output <dir> [--tokenizer PATH] [--chat-template FILE]
+        [--dtype auto|bfloat16|float16|float32] [--force]
 
-The directory loads in `transformers.AutoModelForCausalLM` (and in vLLM / SGLang as a plain Qwen/Llama
-model) and carries `tidar_mask_token_id` / `tidar_draft_block_size` for TiDAR decoding, the tokenizer and
-generation_config.json (eos).
+The directory serves like the checkpoint's source: `transformers.AutoModelForCausalLM`, vLLM and SGLang load
+it as the plain Llama / Mistral / Qwen model it came from, with the source's config.json fields (context
+length, bos / eos ids, RoPE block, ...), generation_config.json and tokenizer files (with the chat template).
+What TiDAR adds:
+  * `tidar_mask_token_id`, `tidar_draft_block_size` in config.json, read by TiDAR decoding (and ignored by
+    everything else);
+  * when the mask token is a new id, one more vocabulary row (`vocab_size` grows by one); no tokenizer id maps
+    to it, so engines never emit it unless asked to.
+Weights are written in the training dtype (`train.bf16`) unless --dtype says otherwise.
 """
 
 from __future__ import annotations
@@ -14,15 +21,18 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from tidar_megatron.atomic import atomic_dir
 from tidar_megatron.config import ConfigError, from_dict
 from tidar_megatron.console import entry_point
 from tidar_megatron.convert.hf_import import check_output
-from tidar_megatron.convert.mapping import ConvertError, architecture, hf_config, megatron_to_hf
+from tidar_megatron.convert.mapping import ConvertError, architecture, hf_files, megatron_to_hf, real_vocab_rows
 from tidar_megatron.convert.process import in_fresh_process, single_rank_model
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -37,34 +47,19 @@ def resolve_checkpoint(path: Path) -> Path:
     return found[0]
 
 
-def check_shapes(path: Path, model):
-    """Every tensor's saved global shape against the one the saved config builds; one line on a mismatch."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    saved = dist_checkpointing.load_tensors_metadata(str(path))
-    for sh in nested_values(model.sharded_state_dict()):
-        if not isinstance(sh, ShardedTensor):  # SwiGLU's fc1 factory: checked by the load itself
-            continue
-        if sh.key not in saved:
-            raise ConvertError(f"{path}: has no tensor {sh.key}, which its config implies; the config does not "
-                               "match the weights")
-        if tuple(saved[sh.key].global_shape) != tuple(sh.global_shape):
-            raise ConvertError(f"{path}: {sh.key} has shape {tuple(saved[sh.key].global_shape)} but the saved "
-                               f"config gives {tuple(sh.global_shape)}; the config does not match the weights")
-
-
-def _check_inputs(tokenizer, chat_template) -> tuple[Path | None, Path | None]:
+def _check_inputs(tokenizer, chat_template, dtype) -> tuple[Path | None, Path | None]:
     if tokenizer and not Path(tokenizer).exists():
         raise ConvertError(f"tokenizer {tokenizer}: not found; pass a tokenizer.model file or a tokenizer directory")
     if chat_template and not Path(chat_template).is_file():
         raise ConvertError(f"chat template {chat_template}: not found; pass a Jinja template file")
+    if dtype not in (None, "auto", *DTYPES):
+        raise ConvertError(f"--dtype {dtype}: choose auto (the training dtype), {', '.join(DTYPES)}")
     return (Path(tokenizer) if tokenizer else None), (Path(chat_template) if chat_template else None)
 
 
 def _eos_id(tokenizer: Path | None) -> int | None:
-    """The tokenizer's end-of-document id: generation_config.json's eos_token_id, where decoding stops."""
+    """The tokenizer's end-of-document id: where a from-scratch export's decoding stops (an import's export
+    keeps its source's ids)."""
     if tokenizer is None:
         return None
     from tidar_megatron.data.tokenizer import Tokenizer, TokenizerError
@@ -75,8 +70,24 @@ def _eos_id(tokenizer: Path | None) -> int | None:
         raise ConvertError(str(e)) from None
 
 
-def export_local(checkpoint_dir, output_dir, tokenizer=None, force: bool = False, chat_template=None) -> Path:
-    """Export in this process; needs a single-rank Megatron session (`process.session`)."""
+def _copy_tokenizer(tokenizer: Path, chat_template: Path | None, out: Path) -> list[str]:
+    """The tokenizer's files (and a chat template) into `out`; their names.  Copied without their mode
+    bits, so the export's files all get the permissions the umask gives new files."""
+    if tokenizer.is_file():
+        pairs = [(tokenizer, "tokenizer.model")]
+    else:
+        pairs = [(tokenizer / name, name) for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
+    if chat_template is not None:
+        pairs.append((chat_template, "chat_template.jinja"))
+    for src, name in pairs:
+        shutil.copyfile(src, out / name)
+    return [name for _, name in pairs]
+
+
+def export_local(checkpoint_dir, output_dir, tokenizer=None, force: bool = False, chat_template=None,
+                 dtype: str | None = None) -> dict:
+    """Export in this process; needs a single-rank Megatron session (`process.session`).  Returns what was
+    written (`describe` prints it)."""
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
@@ -84,7 +95,7 @@ def export_local(checkpoint_dir, output_dir, tokenizer=None, force: bool = False
 
     output = Path(output_dir)
     check_output(output, force)
-    tokenizer, chat_template = _check_inputs(tokenizer, chat_template)
+    tokenizer, chat_template = _check_inputs(tokenizer, chat_template, dtype)
     path = resolve_checkpoint(Path(checkpoint_dir))
     common = dist_checkpointing.load_common_state_dict(str(path))
     if "config" not in common:
@@ -94,38 +105,55 @@ def export_local(checkpoint_dir, output_dir, tokenizer=None, force: bool = False
         architecture(cfg)
     except ConfigError as e:
         raise ConvertError(str(e)) from None
+    if tokenizer is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
+        tokenizer = Path(cfg.data.tokenizer)  # the one it was trained (or imported) with
     model = single_rank_model(cfg)
-    check_shapes(path, model)
     try:
-        load_model_weights([model], path)
+        load_model_weights([model], path, "the saved config")
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
+    weight_dtype = DTYPES[dtype] if dtype and dtype != "auto" else torch.bfloat16 if cfg.train.bf16 else torch.float32
     params = {n: p.detach() for n, p in model.named_parameters()}
-    dtype = params["decoder.final_layernorm.weight"].dtype
-    eos = _eos_id(tokenizer)
+    weights = {k: v.to(weight_dtype) for k, v in megatron_to_hf(cfg, params).items()}
+    config, generation = hf_files(cfg, weight_dtype, eos_token_id=_eos_id(tokenizer))
     with atomic_dir(output) as tmp:
-        save_file(megatron_to_hf(cfg, params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype, eos_token_id=eos), indent=2) + "\n")
-        generation = {} if eos is None else {"eos_token_id": eos}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if tokenizer is not None and tokenizer.is_file():
-            shutil.copy(tokenizer, tmp / "tokenizer.model")
-        elif tokenizer is not None:
-            for name in TOKENIZER_FILES:
-                if (tokenizer / name).is_file():
-                    shutil.copy(tokenizer / name, tmp / name)
-        if chat_template is not None:
-            shutil.copy(chat_template, tmp / "chat_template.jinja")
-    return output
+        copied = _copy_tokenizer(tokenizer, chat_template, tmp) if tokenizer else []
+    return {"output": str(output), "checkpoint": str(path), "dtype": str(weight_dtype).removeprefix("torch."),
+            "bytes": (output / "model.safetensors").stat().st_size, "model_type": config["model_type"],
+            "vocab_rows": real_vocab_rows(cfg), "mask_token_id": cfg.tidar.mask_token_id,
+            "mask_is_new": cfg.tidar.mask_token_id == cfg.model.vocab_size,
+            "context": config["max_position_embeddings"], "tokenizer": str(tokenizer) if tokenizer else None,
+            "tokenizer_files": copied}
 
 
-def export(checkpoint_dir, output_dir, tokenizer=None, force: bool = False, chat_template=None) -> Path:
-    """A TiDAR checkpoint (any TP/PP) -> a Hugging Face directory `AutoModelForCausalLM` loads."""
+def describe(written: dict) -> str:
+    """What an export wrote, for people: files, dtype, vocabulary, mask token."""
+    w = written
+    mask = (f"mask token {w['mask_token_id']} (a new last row)" if w["mask_is_new"]
+            else f"mask token {w['mask_token_id']} (an existing row)")
+    tokenizer = (f"tokenizer from {w['tokenizer']}: {', '.join(w['tokenizer_files'])}" if w["tokenizer"]
+                 else "no tokenizer (pass --tokenizer)")
+    return "\n".join([
+        f"exported {w['checkpoint']} -> {w['output']}",
+        f"  model.safetensors        {w['dtype']}, {w['bytes'] / 2**20:.1f} MiB",
+        f"  config.json              {w['model_type']}, vocabulary {w['vocab_rows']} rows, {mask}, "
+        f"context {w['context']}",
+        "  generation_config.json",
+        f"  {tokenizer}"])
+
+
+def export(checkpoint_dir, output_dir, tokenizer=None, force: bool = False, chat_template=None,
+           dtype: str | None = None) -> dict:
+    """A TiDAR checkpoint (any TP/PP) -> a Hugging Face directory `AutoModelForCausalLM` loads; returns what
+    was written (`describe`)."""
     check_output(Path(output_dir), force)
-    _check_inputs(tokenizer, chat_template)
+    _check_inputs(tokenizer, chat_template, dtype)
     return in_fresh_process(export_local, str(checkpoint_dir), str(output_dir),
                             str(tokenizer) if tokenizer else None, force,
-                            str(chat_template) if chat_template else None)
+                            str(chat_template) if chat_template else None, dtype)
 
 
 @entry_point("tidar-megatron export")
@@ -133,10 +161,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tidar-megatron export", description=export.__doc__)
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (with `latest`) or iter_*")
     parser.add_argument("--output", required=True, help="Hugging Face directory to create")
-    parser.add_argument("--tokenizer", help="tokenizer.model file or tokenizer directory to copy")
+    parser.add_argument("--tokenizer", help="tokenizer.model file or tokenizer directory to copy (default: the "
+                        "checkpoint's data.tokenizer, when it exists here)")
     parser.add_argument("--chat-template", help="a Jinja chat template to ship with the tokenizer "
                         "(chat_template.jinja), for chat completions")
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                        help="weights' dtype (default auto: the training dtype, bfloat16 with train.bf16)")
     parser.add_argument("--force", action="store_true", help="replace --output if it exists")
     a = parser.parse_args(argv)
-    print(export(a.checkpoint, a.output, a.tokenizer, a.force, a.chat_template))
+    print(describe(export(a.checkpoint, a.output, a.tokenizer, a.force, a.chat_template, a.dtype)))
     return 0

@@ -140,7 +140,7 @@ def build_trainer(cfg: Config, on_gpu: bool) -> Trainer:
     optimizer = get_megatron_optimizer(opt_config, model)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=t.train_steps, lr_decay_style=t.lr_decay_style,
+        lr_warmup_steps=t.warmup_steps, lr_decay_steps=t.train_steps, lr_decay_style=t.lr_decay_style,
         start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.train_steps, wd_incr_style="constant",
         wsd_decay_steps=max(t.train_steps // 10, 1) if t.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style="linear" if t.lr_decay_style == "WSD" else None,
