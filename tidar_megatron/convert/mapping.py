@@ -92,7 +92,10 @@ def config_from_hf(hf: dict | HFConfig, weights, tensor_parallel: int | None = N
         raise ConvertError(f"{source}: {hf.rope_block}.{problem}")
     mask = mask or choose_mask_token(hf, source=source)
     base = base or Config()
-    kept = {"config.json": {k: v for k, v in hf.raw.items() if k not in TYPED_FIELDS}}
+    # The rest of config.json, and its RoPE block as transformers keeps it, for an export that reads back as
+    # the source while the RoPE is unchanged (model.rope_* are what trains).
+    kept = {"config.json": {**{k: v for k, v in hf.raw.items() if k not in TYPED_FIELDS},
+                            "rope_parameters": rope.transformers_block(hf.raw)}}
     if hf.generation is not None:
         kept["generation_config.json"] = hf.generation
     model = dataclasses.replace(
@@ -143,6 +146,7 @@ def hf_files(cfg: Config, dtype: torch.dtype, bos_token_id: int | None = None,
                **({"attention_bias": False, "mlp_bias": False} if arch == "llama" else
                   {"use_sliding_window": False, "sliding_window": None, "max_window_layers": m.num_layers})}
         kept = {}
+    source_rope = out.pop("rope_parameters", None)
     if len(out.get("layer_types") or [None] * m.num_layers) != m.num_layers:
         out.pop("layer_types")
     out.update({
@@ -150,7 +154,6 @@ def hf_files(cfg: Config, dtype: torch.dtype, bos_token_id: int | None = None,
         "vocab_size": real_vocab_rows(cfg), "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
         "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
         "num_key_value_heads": m.num_query_groups, "head_dim": m.head_dim, "rms_norm_eps": m.norm_epsilon,
-        **rope.config_json_fields(m.rope_base, m.rope_scaling),
         # The context the model serves: its source's, or the longer sequence it was trained on.
         "max_position_embeddings": max(out.get("max_position_embeddings") or 0, cfg.train.seq_length),
         "tie_word_embeddings": m.tie_embeddings,
@@ -158,6 +161,9 @@ def hf_files(cfg: Config, dtype: torch.dtype, bos_token_id: int | None = None,
         "dtype": str(dtype).removeprefix("torch."), "torch_dtype": str(dtype).removeprefix("torch."),
         "tidar_mask_token_id": cfg.tidar.mask_token_id, "tidar_draft_block_size": cfg.tidar.draft_block_size,
     })
+    out.update(rope.config_json_fields(m.rope_base, m.rope_scaling, source_rope, out["max_position_embeddings"]))
+    if kept and m.kv_channels is None and "head_dim" not in kept["config.json"]:
+        del out["head_dim"]  # implied by hidden_size / num_attention_heads, as in the source (Qwen2 has no field)
     generation = kept.get("generation_config.json") or \
         {k: out.get(k) for k in ("bos_token_id", "eos_token_id") if out.get(k) is not None}
     return out, generation

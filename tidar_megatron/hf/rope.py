@@ -46,34 +46,38 @@ def read_rope(raw: dict) -> tuple[float, dict | None, str]:
     """(theta, normalised scaling block or None for plain RoPE, the block's name) from config.json's
     contents, as transformers reads them (module docstring)."""
     name = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
-    block = dict(raw.get(name) or {})
+    block = transformers_block(raw)
     if block and set(block) & set(raw.get("layer_types") or ()):
         raise RopeError(f"{name} is given per layer type; only one RoPE for all layers is supported")
-    theta = float(block.get("rope_theta", raw.get("rope_theta", DEFAULT_THETA)))
     partial = block.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
         raise RopeError(f"partial_rotary_factor {partial}: only RoPE over the whole head is supported")
-    kind_key = "rope_type" if "rope_type" in block else "type"
-    kind = block.get(kind_key, "default")
-    if kind in ("llama3", "yarn", "longrope"):
+    try:
+        return float(block["rope_theta"]), normalise(block, raw.get("max_position_embeddings")), name
+    except RopeError as e:
+        raise RopeError(f"{name}.{e}") from None
+
+
+def transformers_block(raw: dict) -> dict:
+    """The RoPE block of config.json's contents as transformers keeps it (`config.rope_parameters`): its
+    own spelling, with rope_theta, rope_type and the original context filled in."""
+    block = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
+    block.setdefault("rope_theta", raw.get("rope_theta", DEFAULT_THETA))
+    block.setdefault("rope_type", block.get("type", "default"))
+    if block["rope_type"] in ("llama3", "yarn", "longrope"):
         original = raw.get("original_max_position_embeddings")
         if original is not None:
             block["original_max_position_embeddings"] = original
         else:
             block.setdefault("original_max_position_embeddings", raw.get("max_position_embeddings"))
-    if kind == "default":
-        return theta, None, name
-    try:
-        return theta, normalise(block, raw.get("max_position_embeddings")), name
-    except RopeError as e:
-        raise RopeError(f"{name}.{e}") from None
+    return block
 
 
 def normalise(block: dict, max_position_embeddings: int | None = None) -> dict | None:
     """A scaling block in the one form every user of it reads: the fields of its type, defaults filled.
     Errors start with the offending field's name inside the block."""
-    kind_key = "rope_type" if "rope_type" in block else "type"
-    kind = block.get(kind_key, "default")
+    kind = block.get("rope_type", block.get("type", "default"))
+    kind_key = "type" if block.get("type") == kind else "rope_type"  # the spelling config.json used
     if kind == "default":
         return None
     if kind not in SUPPORTED:
@@ -163,10 +167,15 @@ def inverse_frequencies(theta: float, head_dim: int, scaling: dict | None) -> tu
     return inv_freq, 1.0
 
 
-def config_json_fields(theta: float, scaling: dict | None) -> dict:
+def config_json_fields(theta: float, scaling: dict | None, source: dict | None = None,
+                       max_position_embeddings: int | None = None) -> dict:
     """RoPE as config.json spells it for transformers 5 (`rope_parameters`) and 4.x (`rope_theta`,
-    `rope_scaling`), one content in both spellings."""
+    `rope_scaling`), one content in both spellings.  `source`: a checkpoint's own block (`transformers_block`),
+    written as it is while it means this RoPE, so that transformers reads back the source's config."""
     parameters = {"rope_type": "default", "rope_theta": theta} if scaling is None else \
         {**scaling, "rope_theta": theta}
+    if source is not None:
+        means = read_rope({"rope_parameters": source, "max_position_embeddings": max_position_embeddings})[:2]
+        parameters = dict(source) if means == (theta, scaling) else parameters
     return {"rope_theta": theta, "rope_parameters": parameters,
             "rope_scaling": None if scaling is None else dict(parameters)}

@@ -198,7 +198,8 @@ def vocab_parallel_argmax(logits: torch.Tensor, group) -> torch.Tensor:
 
 
 def build_model(cfg: Config, on_gpu: bool | None = None) -> list[TiDARModel]:
-    """The model chunks of this rank (one, or `virtual_pipeline` chunks for interleaved 1F1B)."""
+    """The model chunks of this rank (one, or `virtual_pipeline` chunks for interleaved 1F1B), in bf16 with
+    `train.bf16` (the optimizer keeps fp32 main weights)."""
     vp = cfg.parallel.virtual_pipeline
     chunks = []
     for stage in range(vp or 1):
@@ -210,4 +211,6 @@ def build_model(cfg: Config, on_gpu: bool | None = None) -> list[TiDARModel]:
             vp_stage=vp_stage,
             on_gpu=on_gpu,
         ))
+    if cfg.train.bf16:  # every parameter, as Megatron-LM's Float16Module casts it: the local spec's norms ignore
+        chunks = [c.bfloat16() for c in chunks]  # params_dtype, and mixed-dtype buffers break the optimizer's save
     return chunks
