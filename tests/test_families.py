@@ -119,7 +119,9 @@ def test_import_logits_equal_transformers(name, sources, converted):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_export_of_an_import_reads_as_its_source(name, sources, converted):
     """transformers reads the export to the source's config (but for the TiDAR fields and the grown
-    vocabulary), in the source's dtype, with its generation config and tokenizer, and the same logits."""
+    vocabulary), in the source's dtype, with its generation config and tokenizer, the same weights and the
+    same logits."""
+    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source, reference = sources[name]
@@ -132,6 +134,14 @@ def test_export_of_an_import_reads_as_its_source(name, sources, converted):
     if (source / "generation_config.json").is_file():
         assert json.loads((export / "generation_config.json").read_text()) == \
             json.loads((source / "generation_config.json").read_text())
+    original, exported = (load_file(str(d / "model.safetensors")) for d in (source, export))
+    assert original.keys() == exported.keys()
+    for key, want_tensor in original.items():  # bitwise, but for the mask token's row
+        got_tensor = exported[key][:VOCAB]
+        if key in ("model.embed_tokens.weight", "lm_head.weight"):
+            keep = [i for i in range(VOCAB) if i != written["mask_token_id"]]
+            got_tensor, want_tensor = got_tensor[keep], want_tensor[keep]
+        assert got_tensor.dtype == torch.bfloat16 and torch.equal(got_tensor, want_tensor), key
     tokenizer, original = AutoTokenizer.from_pretrained(export), AutoTokenizer.from_pretrained(source)
     assert tokenizer.get_vocab() == original.get_vocab() and tokenizer.chat_template == original.chat_template
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
@@ -223,21 +233,38 @@ SIZE = ["--train.train_steps", "2", "--train.seq_length", str(L), "--train.globa
 
 
 @pytest.mark.slow
-def test_the_readme_recipe_command_trains_from_an_import(sources, tmp_path):
-    """README: `import-hf --hf <dir> --output <init>`, then `train --config <init>/config.yaml --data.blend
-    ... --data.tokenizer <dir>`: the recipe (bf16, the fused loss, document-level attention) trains on the CPU
-    from the import, with no vocabulary or backend flags."""
+def test_the_readme_recipe_trains_from_an_import_and_exports_like_the_source(sources, tmp_path, capfd):
+    """The README's recipe, as written: `import-hf --hf <dir> --output <init>`, `train --config
+    <init>/config.yaml --data.blend ... --data.tokenizer <dir>` (bf16, the fused loss, document-level
+    attention, on the CPU, with no vocabulary or backend flags), `export --checkpoint <run> --output <hf>
+    --tokenizer <dir>`: the export says what it wrote and loads in transformers with the source's context
+    length and dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tidar_megatron import convert
+
     source = sources[RECIPE][0]
-    init, run = tmp_path / "init", tmp_path / "run"
-    proc = subprocess.run([sys.prefix + "/bin/tidar-megatron", "import-hf", "--hf", str(source), "--output",
-                           str(init)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert f"mask token {VOCAB}: a new row after the {VOCAB}-row vocabulary" in proc.stderr
+    init, run, hf = tmp_path / "init", tmp_path / "run", tmp_path / "hf"
+    assert convert.import_hf_main(["--hf", str(source), "--output", str(init)]) == 0
+    assert f"mask token {VOCAB}: a new row after the {VOCAB}-row vocabulary" in capfd.readouterr().err
     proc = subprocess.run([sys.prefix + "/bin/tidar-megatron", "train", "--config", str(init / "config.yaml"),
                            "--data.blend", _data(source, tmp_path), "--data.tokenizer", str(source),
                            "--checkpoint.dir", str(run), *SIZE], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "iter_0000002" / "metadata.json").is_file() and "step 2/2" in (run / "train.log").read_text()
+
+    assert convert.export_main(["--checkpoint", str(run), "--output", str(hf), "--tokenizer", str(source)]) == 0
+    printed = capfd.readouterr().out
+    assert f"vocabulary {VOCAB + 1} rows, mask token {VOCAB} (a new last row), context 131072" in printed
+    assert "model.safetensors        bfloat16" in printed and "tokenizer.json" in printed
+    config = AutoConfig.from_pretrained(hf)
+    assert (config.max_position_embeddings, config.dtype, config.rope_parameters["rope_type"]) == \
+        (131072, torch.bfloat16, "llama3")
+    assert AutoModelForCausalLM.from_pretrained(hf).dtype == torch.bfloat16
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [hf, *hf.iterdir()]}
+    assert modes == {name: (0o777 if name == "hf" else 0o666) & ~umask for name in modes}, modes
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -84,6 +85,13 @@ def _copy_tokenizer(tokenizer: Path, chat_template: Path | None, out: Path) -> l
     return [name for _, name in pairs]
 
 
+def _as_new_file(path: Path):
+    """Give `path` the mode a new file gets under the umask (safetensors writes its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+
+
 def export_local(checkpoint_dir, output_dir, tokenizer=None, force: bool = False, chat_template=None,
                  dtype: str | None = None) -> dict:
     """Export in this process; needs a single-rank Megatron session (`process.session`).  Returns what was
@@ -118,6 +126,7 @@ def export_local(checkpoint_dir, output_dir, tokenizer=None, force: bool = False
     config, generation = hf_files(cfg, weight_dtype, eos_token_id=_eos_id(tokenizer))
     with atomic_dir(output) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _as_new_file(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         copied = _copy_tokenizer(tokenizer, chat_template, tmp) if tokenizer else []
