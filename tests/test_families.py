@@ -56,7 +56,7 @@ def _convert_all(rank, world_size, hf_dirs, out, tokens):
     from tidar_megatron.training.checkpoint import CheckpointError, load_model_weights
 
     distributed.initialize(Config())
-    out, result = Path(out), {"logits": {}, "exports": {}}
+    out, result = Path(out), {"logits": {}}
     for name, hf_dir in hf_dirs.items():
         convert.import_hf_local(hf_dir, out / name, preset="auto")
         # As training builds it (fp32 here, to compare with transformers at 1e-5).
@@ -64,7 +64,7 @@ def _convert_all(rank, world_size, hf_dirs, out, tokens):
         chunks = build_model(cfg, on_gpu=False)
         load_model_weights(chunks, out / name)
         result["logits"][name] = _logits(chunks[0], cfg, tokens)
-        result["exports"][name] = convert.export_local(out / name, out / f"{name}-hf")
+        convert.export_local(out / name, out / f"{name}-hf")
     # init_from into a model of another vocabulary (an existing mask id: one row fewer) is refused.
     cfg = load_config(str(out / "llama2" / "config.yaml"), ["--tidar.mask_token_id", "5"])
     try:
@@ -91,6 +91,10 @@ def converted(sources, tmp_path_factory):
     return out, result
 
 
+def _mask_token_id(converted, name):
+    return json.loads((converted[0] / f"{name}-hf" / "config.json").read_text())["tidar_mask_token_id"]
+
+
 def _close(got, want, what, mask_token_id):
     """got [..., >= VOCAB] and want [..., VOCAB] agree to 1e-5 on every id but the mask token's, whose row
     the import initialised (a new row, or a spare one that no token uses)."""
@@ -104,7 +108,7 @@ def _close(got, want, what, mask_token_id):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_import_logits_equal_transformers(name, sources, converted):
     source, reference = sources[name]
-    _close(converted[1]["logits"][name], reference, f"{name} import", converted[1]["exports"][name]["mask_token_id"])
+    _close(converted[1]["logits"][name], reference, f"{name} import", _mask_token_id(converted, name))
     raw = json.loads((source / "config.json").read_text())
     if raw.get("rope_scaling") or raw.get("rope_parameters", {}).get("rope_type", "default") != "default":
         # The scaling changes these logits: a conversion that dropped it would fail above.
@@ -129,8 +133,8 @@ def test_export_of_an_import_reads_as_its_source(name, sources, converted):
     got, want = AutoConfig.from_pretrained(export).to_dict(), AutoConfig.from_pretrained(source).to_dict()
     assert {k: v for k, v in got.items() if k not in IGNORED} == {k: v for k, v in want.items() if k not in IGNORED}
     assert got["dtype"] == "bfloat16" and got["max_position_embeddings"] == want["max_position_embeddings"]
-    written = converted[1]["exports"][name]
-    assert got["vocab_size"] == written["vocab_rows"] == VOCAB + written["mask_is_new"]
+    mask = _mask_token_id(converted, name)
+    assert got["vocab_size"] == VOCAB + (mask == VOCAB)
     if (source / "generation_config.json").is_file():
         assert json.loads((export / "generation_config.json").read_text()) == \
             json.loads((source / "generation_config.json").read_text())
@@ -139,14 +143,14 @@ def test_export_of_an_import_reads_as_its_source(name, sources, converted):
     for key, want_tensor in original.items():  # bitwise, but for the mask token's row
         got_tensor = exported[key][:VOCAB]
         if key in ("model.embed_tokens.weight", "lm_head.weight"):
-            keep = [i for i in range(VOCAB) if i != written["mask_token_id"]]
+            keep = [i for i in range(VOCAB) if i != mask]
             got_tensor, want_tensor = got_tensor[keep], want_tensor[keep]
         assert got_tensor.dtype == torch.bfloat16 and torch.equal(got_tensor, want_tensor), key
     tokenizer, original = AutoTokenizer.from_pretrained(export), AutoTokenizer.from_pretrained(source)
     assert tokenizer.get_vocab() == original.get_vocab() and tokenizer.chat_template == original.chat_template
     model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     with torch.no_grad():
-        _close(model(_tokens()).logits, reference, f"{name} export", written["mask_token_id"])
+        _close(model(_tokens()).logits, reference, f"{name} export", mask)
 
 
 def _write_documents(prefix, documents, vocab):
@@ -255,8 +259,8 @@ def test_the_readme_recipe_trains_from_an_import_and_exports_like_the_source(sou
 
     assert convert.export_main(["--checkpoint", str(run), "--output", str(hf), "--tokenizer", str(source)]) == 0
     printed = capfd.readouterr().out
-    assert f"vocabulary {VOCAB + 1} rows, mask token {VOCAB} (a new last row), context 131072" in printed
-    assert "model.safetensors        bfloat16" in printed and "tokenizer.json" in printed
+    assert f"llama, vocabulary {VOCAB + 1} rows, mask token {VOCAB} (the last row), context 131072" in printed
+    assert "bfloat16 weights" in printed and "tokenizer.json" in printed and "generation_config.json" in printed
     config = AutoConfig.from_pretrained(hf)
     assert (config.max_position_embeddings, config.dtype, config.rope_parameters["rope_type"]) == \
         (131072, torch.bfloat16, "llama3")

@@ -28,7 +28,7 @@ from tidar_megatron.atomic import atomic_dir
 from tidar_megatron.config import ConfigError, from_dict
 from tidar_megatron.console import entry_point
 from tidar_megatron.convert.hf_import import check_output
-from tidar_megatron.convert.mapping import ConvertError, architecture, hf_files, megatron_to_hf, real_vocab_rows
+from tidar_megatron.convert.mapping import ConvertError, architecture, hf_files, megatron_to_hf
 from tidar_megatron.convert.process import in_fresh_process, single_rank_model
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -71,10 +71,12 @@ def _eos_id(tokenizer: Path | None) -> int | None:
         raise ConvertError(str(e)) from None
 
 
-def _copy_tokenizer(tokenizer: Path, chat_template: Path | None, out: Path) -> list[str]:
-    """The tokenizer's files (and a chat template) into `out`; their names.  Copied without their mode
-    bits, so the export's files all get the permissions the umask gives new files."""
-    if tokenizer.is_file():
+def _copy_tokenizer(tokenizer: Path | None, chat_template: Path | None, out: Path):
+    """The tokenizer's files (and a chat template) into `out`, without their mode bits: the export's files
+    all get the permissions the umask gives new files."""
+    if tokenizer is None:
+        pairs = []
+    elif tokenizer.is_file():
         pairs = [(tokenizer, "tokenizer.model")]
     else:
         pairs = [(tokenizer / name, name) for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
@@ -82,7 +84,6 @@ def _copy_tokenizer(tokenizer: Path, chat_template: Path | None, out: Path) -> l
         pairs.append((chat_template, "chat_template.jinja"))
     for src, name in pairs:
         shutil.copyfile(src, out / name)
-    return [name for _, name in pairs]
 
 
 def _as_new_file(path: Path):
@@ -93,9 +94,8 @@ def _as_new_file(path: Path):
 
 
 def export_local(checkpoint_dir, output_dir, tokenizer=None, force: bool = False, chat_template=None,
-                 dtype: str | None = None) -> dict:
-    """Export in this process; needs a single-rank Megatron session (`process.session`).  Returns what was
-    written (`describe` prints it)."""
+                 dtype: str | None = None) -> Path:
+    """Export in this process; needs a single-rank Megatron session (`process.session`)."""
     from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
@@ -129,35 +129,37 @@ def export_local(checkpoint_dir, output_dir, tokenizer=None, force: bool = False
         _as_new_file(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        copied = _copy_tokenizer(tokenizer, chat_template, tmp) if tokenizer else []
-    return {"output": str(output), "checkpoint": str(path), "dtype": str(weight_dtype).removeprefix("torch."),
-            "bytes": (output / "model.safetensors").stat().st_size, "model_type": config["model_type"],
-            "vocab_rows": real_vocab_rows(cfg), "mask_token_id": cfg.tidar.mask_token_id,
-            "mask_is_new": cfg.tidar.mask_token_id == cfg.model.vocab_size,
-            "context": config["max_position_embeddings"], "tokenizer": str(tokenizer) if tokenizer else None,
-            "tokenizer_files": copied}
+        _copy_tokenizer(tokenizer, chat_template, tmp)
+    return output
 
 
-def describe(written: dict) -> str:
-    """What an export wrote, for people: files, dtype, vocabulary, mask token."""
-    w = written
-    mask = (f"mask token {w['mask_token_id']} (a new last row)" if w["mask_is_new"]
-            else f"mask token {w['mask_token_id']} (an existing row)")
-    tokenizer = (f"tokenizer from {w['tokenizer']}: {', '.join(w['tokenizer_files'])}" if w["tokenizer"]
-                 else "no tokenizer (pass --tokenizer)")
-    return "\n".join([
-        f"exported {w['checkpoint']} -> {w['output']}",
-        f"  model.safetensors        {w['dtype']}, {w['bytes'] / 2**20:.1f} MiB",
-        f"  config.json              {w['model_type']}, vocabulary {w['vocab_rows']} rows, {mask}, "
-        f"context {w['context']}",
-        "  generation_config.json",
-        f"  {tokenizer}"])
+def describe(output: Path) -> str:
+    """What an export directory holds, for people: its files, the weights' dtype, the vocabulary and the
+    mask token, the context length."""
+    config = json.loads((output / "config.json").read_text())
+    rows, mask = config["vocab_size"], config["tidar_mask_token_id"]
+    where = "the last row" if mask == rows - 1 else "an existing token's row"
+    lines = [f"exported {output}:"]
+    for f in sorted(output.iterdir()):
+        what = {"model.safetensors": f"{config['dtype']} weights",
+                "config.json": f"{config['model_type']}, vocabulary {rows} rows, mask token {mask} ({where}), "
+                               f"context {config['max_position_embeddings']}"}.get(f.name, "")
+        lines.append(f"  {f.name:<24} {_size(f.stat().st_size):>10}  {what}".rstrip())
+    if not (output / "tokenizer.json").is_file() and not (output / "tokenizer.model").is_file():
+        lines.append("  no tokenizer: pass --tokenizer to ship one")
+    return "\n".join(lines)
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} B"
 
 
 def export(checkpoint_dir, output_dir, tokenizer=None, force: bool = False, chat_template=None,
-           dtype: str | None = None) -> dict:
-    """A TiDAR checkpoint (any TP/PP) -> a Hugging Face directory `AutoModelForCausalLM` loads; returns what
-    was written (`describe`)."""
+           dtype: str | None = None) -> Path:
+    """A TiDAR checkpoint (any TP/PP) -> a Hugging Face directory `AutoModelForCausalLM` loads."""
     check_output(Path(output_dir), force)
     _check_inputs(tokenizer, chat_template, dtype)
     return in_fresh_process(export_local, str(checkpoint_dir), str(output_dir),
