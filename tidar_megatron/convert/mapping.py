@@ -63,10 +63,13 @@ def choose_mask_token(hf: HFConfig, requested: int | None = None, tokenizer: tup
     mask = next(m for m in (requested, exported, tokenizer[1] if tokenizer else None, vocab) if m is not None)
     if not 0 <= mask <= vocab:
         raise ConvertError(f"mask token id {mask} is outside [0, {vocab}] (vocab_size = a new token)")
+    if mask == exported:
+        return MaskToken(vocab, mask, False, f"mask token {mask}: the checkpoint's own (tidar_mask_token_id), its "
+                                             "trained row kept")
     if mask == vocab:
         return MaskToken(vocab, mask, True, f"mask token {mask}: a new row after the {vocab}-row vocabulary, "
                                             "initialised to the mean embedding")
-    if exported is None and text_vocab is not None and mask >= text_vocab:
+    if text_vocab is not None and mask >= text_vocab:
         return MaskToken(vocab, mask, True, f"mask token {mask}: an unused row of the checkpoint (the tokenizer "
                                             f"has {text_vocab} tokens), initialised to the mean embedding")
     return MaskToken(vocab, mask, False, f"mask token {mask}: an existing row, its trained embedding kept")
