@@ -46,7 +46,7 @@ def test_the_run_accepts_the_imports_vocabulary_as_it_is(mask):
     resolve_vocabulary(cfg, 128, 128, "tok")
     assert cfg.padded_vocab_size == (192 if mask == 128 else 128)
     with pytest.raises(ConfigError, match=r"model.vocab_size \(100\) is smaller than the vocabulary of tok "
-                                          r"\(128 tokens\)"):
+                                          r"\(128\)"):
         resolve_vocabulary(load_config("tiny", ["--model.vocab_size", "100"]), 128, 128, "tok")
 
 

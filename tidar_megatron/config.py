@@ -309,19 +309,20 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def resolve_vocabulary(cfg: Config, text_vocab_size: int, mask_token_id: int, source: str) -> Config:
+def resolve_vocabulary(cfg: Config, vocab_size: int, mask_token_id: int, source: str) -> Config:
     """Fill model.vocab_size and tidar.mask_token_id from a tokenizer's, and check explicit values against it.
 
-    `text_vocab_size`: the ids text encodes to, [0, text_vocab_size) (the tokenizer's own vocabulary, without a
-    mask token it appends); `mask_token_id`: its mask token (== text_vocab_size when appended: a new row).
+    `vocab_size`: the ids text encodes to, [0, vocab_size) (the tokenizer's own vocabulary, without a mask
+    token it appends: `Tokenizer.text_vocab_size`); `mask_token_id`: its mask token (== vocab_size when
+    appended: a new row).
     The model needs a row for every text id; its mask token is its own (import-hf's, or the tokenizer's by
     default).  `source` names the tokenizer in errors."""
     if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = text_vocab_size
-    elif cfg.model.vocab_size < text_vocab_size:
+        cfg.model.vocab_size = vocab_size
+    elif cfg.model.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the vocabulary of "
-                          f"{source} ({text_vocab_size} tokens): drop it (it defaults to the tokenizer's) or set "
-                          f"--model.vocab_size {text_vocab_size}")
+                          f"{source} ({vocab_size}): drop it (it defaults to the tokenizer's) or set "
+                          f"--model.vocab_size {vocab_size}")
     if cfg.tidar.mask_token_id is None:
         cfg.tidar.mask_token_id = mask_token_id
     cfg._check_vocabulary()
