@@ -105,3 +105,17 @@ def test_the_train_command_refuses_them_before_any_process_group(corpus, tmp_pat
                            "--train.device", "cpu"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith("tidar-megatron train: error: model.attention_backend=flex cannot train")
+
+
+def test_the_recipe_keeps_the_checkpoints_block_size_and_context():
+    """`import-hf --config auto` on a small TiDAR export (block 8) of a 2048-token model: the 1p5b recipe with
+    the checkpoint's own block size and sequences no longer than its context."""
+    from tidar_megatron.convert.hf_import import recipe_preset
+    from tidar_megatron.convert.mapping import config_from_hf
+
+    hf = parse_hf_config(dict(LLAMA, vocab_size=129, max_position_embeddings=2048, tidar_mask_token_id=128,
+                              tidar_draft_block_size=8), set())
+    cfg = config_from_hf(hf, set(), base=load_config(recipe_preset(hf)))
+    assert (cfg.tidar.draft_block_size, cfg.train.seq_length, cfg.train.warmup_steps) == (8, 2048, 238)
+    assert (cfg.model.vocab_size, cfg.tidar.mask_token_id, cfg.model.hf_config["config.json"]["model_type"]) == \
+        (128, 128, "llama")
