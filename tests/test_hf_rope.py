@@ -62,7 +62,8 @@ def test_rope_is_read_as_transformers_reads_it(case, model_type, tmp_path):
 
 def test_the_case_the_issue_found_differs_from_reading_rope_parameters_first():
     """The mixed config really means YaRN at transformers' default theta, not plain RoPE at 1e6."""
-    theta, scaling, block = read_rope(dict(BASE, **CASES["rope_scaling over rope_parameters (a card's YaRN on a 5 config)"]))
+    mixed = CASES["rope_scaling over rope_parameters (a card's YaRN on a 5 config)"]
+    theta, scaling, block = read_rope(dict(BASE, **mixed))
     assert (theta, scaling["rope_type"], block) == (10000.0, "yarn", "rope_scaling")
 
 

@@ -105,7 +105,7 @@ class ModelConfig(_Section):
     rope_scaling: dict | None = option(None, "RoPE scaling as Hugging Face's rope_parameters: rope_type linear, "
                                        "llama3 or yarn with its fields (import-hf copies it); unset: plain RoPE")
     hf_config: dict | None = option(None, "what export writes back of the Hugging Face source: its config.json "
-                                    "and generation_config.json without the fields above (import-hf fills it)")
+                                    "and generation_config.json beyond the fields of this section (import-hf fills it)")
 
     def validate(self):
         self._positive("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
