@@ -11,7 +11,8 @@
 #SBATCH --signal=USR1@300
 #SBATCH --output=logs/%x-%j.out
 # TiDAR pretraining, the 8b preset (configs/8b.yaml: the paper's continual-pretraining recipe), one task
-# per GPU on 8-GPU H100 nodes.  From the converted AR checkpoint (INIT_FROM, required by the recipe):
+# per GPU on 8-GPU H100 nodes.  From the converted AR checkpoint (INIT_FROM, required by the recipe; any family
+# of the README's table: Llama 2 / 3.x, Mistral, Qwen2 / 2.5 / 3, SmolLM):
 #   tidar-megatron import-hf --hf Qwen3-8B/ --output runs/init-8b
 #   mkdir -p logs && INIT_FROM=runs/init-8b sbatch slurm/pretrain_8b.sh --data.blend /data/corpus \
 #       --data.tokenizer Qwen3-8B/

@@ -40,7 +40,7 @@ def test_train_help_lists_every_field_without_megatron():
     assert out.rstrip().splitlines()[-1].startswith("clean")
     for line in describe().splitlines():
         assert line in out
-    assert "--model.attention_backend STR" in out and "one of local, flex, te, kernel" in out
+    assert "--model.attention_backend STR" in out and "one of auto, local, flex, te, kernel" in out
     assert "--train.lr FLOAT" in out and "(default 0.0003" in out and "--data.blend LIST OF STR" in out
 
 

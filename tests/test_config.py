@@ -30,7 +30,7 @@ def test_dotted_overrides_are_typed():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["--model.attention_backend", "fast"], "model.attention_backend must be one of local, flex, te, kernel"),
+    (["--model.attention_backend", "fast"], "model.attention_backend must be one of auto, local, flex, te, kernel"),
     (["--model.num_layers", "two"], "model.num_layers must be int"),
     (["--model.num_layerz", "2"], "unknown field(s) model.num_layerz"),
     (["--modle.num_layers", "2"], "unknown section(s) ['modle']"),
@@ -40,6 +40,7 @@ def test_dotted_overrides_are_typed():
     (["--parallel.context_parallel", "2"], "context_parallel > 1 is not supported"),
     (["--parallel.virtual_pipeline", "2"], "parallel.virtual_pipeline (2) needs"),
     (["--train.lr_warmup_steps", "500"], "train.lr_warmup_steps (500)"),
+    (["--train.lr_warmup_fraction", "0.1"], "train.lr_warmup_steps (10) and train.lr_warmup_fraction (0.1) are both set"),
     (["--model.num_layers"], "has no value"),
 ])
 def test_bad_values_name_the_field(overrides, message):
@@ -70,7 +71,7 @@ def test_recipe_presets_follow_the_paper(preset):
     cfg = load_config(preset)
     t = cfg.train
     assert (t.lr, t.min_lr, t.lr_decay_style) == (1e-5, 3e-6, "cosine")
-    assert t.lr_warmup_steps == round(0.01 * t.train_steps)  # 1% warm-up
+    assert t.lr_warmup_fraction == 0.01 and t.warmup_steps == int(0.01 * t.train_steps)  # 1% warm-up
     assert t.seq_length == 4096 and t.global_batch_size * t.seq_length == 2 ** 21  # 2M clean tokens a step
     assert abs(t.train_steps * 2 ** 21 - PAPER[preset]) < 2 ** 21  # the paper's token budget, to one step
     assert cfg.tidar.draft_block_size == 16 and t.bf16 and cfg.parallel.use_distributed_optimizer
@@ -112,7 +113,7 @@ def test_an_override_that_is_not_yaml_is_a_one_line_error():
     assert "\n" not in str(err.value)
 
 def test_import_hf_picks_the_recipe_for_the_model_size():
-    from tidar_megatron.convert.hf_config import parse_hf_config
+    from tidar_megatron.hf.config import parse_hf_config
     from tidar_megatron.convert.hf_import import recipe_preset
 
     qwen25_15b = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,

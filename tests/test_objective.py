@@ -25,7 +25,7 @@ def _loss_and_weights(rank, world_size, out_dir):
 
     from safetensors.torch import save_file
 
-    from tidar_megatron.convert.mapping import hf_config, megatron_to_hf
+    from tidar_megatron.convert.mapping import hf_files, megatron_to_hf
     from tidar_megatron.data.batch import from_token_windows
     from tidar_megatron.layout import TiDARLayout
     from tidar_megatron.training import distributed
@@ -43,7 +43,7 @@ def _loss_and_weights(rank, world_size, out_dir):
     params = {n: p.detach() for n, p in trainer.model[0].module.named_parameters()}
     save_file(megatron_to_hf(cfg, params), f"{out_dir}/model.safetensors", metadata={"format": "pt"})
     with open(f"{out_dir}/config.json", "w") as f:
-        json.dump(hf_config(cfg, torch.float32), f)
+        json.dump(hf_files(cfg, torch.float32)[0], f)
     first = trainer.train_step(micro)
     return metrics, windows, first
 

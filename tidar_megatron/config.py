@@ -9,7 +9,8 @@ with its type, default, allowed values and help: `tidar-megatron train --help`.
 
 The vocabulary is the tokenizer's, as in Megatron-LM: `model.vocab_size` and `tidar.mask_token_id` default
 to `data.tokenizer`'s (`resolve_vocabulary`, called before any process group starts); an explicit value is
-checked against it.
+checked against it.  `model.vocab_size` counts the rows of token ids; a mask token equal to it is one more
+row (a new id), any smaller id an existing row: `Config.padded_vocab_size`.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from pathlib import Path
 import yaml
 
 from tidar_megatron.errors import TiDARError
+from tidar_megatron.hf.rope import RopeError, megatron_problem, normalise
 from tidar_megatron.layout import TiDARLayout
 
-ATTENTION_BACKENDS = ("local", "flex", "te", "kernel")
+ATTENTION_BACKENDS = ("auto", "local", "flex", "te", "kernel")
 ALIASES = {"init.from": "checkpoint.init_from", "resume": "checkpoint.resume"}
 
 
@@ -85,8 +87,9 @@ class ModelConfig(_Section):
     tie_embeddings: bool = option(False, "share the input embedding and the output layer")
     rope_base: float = option(10000.0, "RoPE base (theta)")
     init_method_std: float = option(0.02, "std of the initial weights")
-    attention_backend: str = option("local", "TiDAR attention: local (dense reference), flex (FlexAttention), "
-                                    "te (TransformerEngine bias), kernel (Triton block-sparse)", ATTENTION_BACKENDS)
+    attention_backend: str = option("auto", "TiDAR attention: auto (kernel on a GPU, local on the CPU), local "
+                                    "(dense reference), flex (FlexAttention), te (TransformerEngine bias), kernel "
+                                    "(Triton block-sparse)", ATTENTION_BACKENDS)
     fused_loss: bool = option(False, "output projection + cross-entropy in chunks, never the full logits")
     attention_dropout: float = option(0.0, "attention dropout")
     hidden_dropout: float = option(0.0, "hidden dropout")
@@ -99,6 +102,10 @@ class ModelConfig(_Section):
                                           "stage); default uniform", (None, "uniform", "block"))
     recompute_num_layers: int | None = option(None, "with full: layers per unit (uniform) or recomputed "
                                               "layers per stage (block); default 1")
+    rope_scaling: dict | None = option(None, "RoPE scaling as Hugging Face's rope_parameters: rope_type linear, "
+                                       "llama3 or yarn with its fields (import-hf copies it); unset: plain RoPE")
+    hf_config: dict | None = option(None, "what export writes back of the Hugging Face source: its config.json "
+                                    "and generation_config.json beyond the fields of this section (import-hf fills it)")
 
     def validate(self):
         self._positive("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
@@ -113,10 +120,22 @@ class ModelConfig(_Section):
             raise ConfigError("model.recompute_method and model.recompute_num_layers apply to "
                               "model.recompute_granularity full only")
         self._positive("recompute_num_layers")
+        try:
+            self.rope_scaling = normalise(self.rope_scaling) if self.rope_scaling else None
+        except RopeError as e:
+            raise ConfigError(f"model.rope_scaling.{e}") from None
+        if megatron_problem(self.rope_scaling):
+            raise ConfigError(f"model.rope_scaling.{megatron_problem(self.rope_scaling)}")
 
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def attention_backend_on(self, on_gpu: bool) -> str:
+        """The backend that runs: `auto` is the Triton kernel on a GPU and the dense reference on the CPU."""
+        if self.attention_backend == "auto":
+            return "kernel" if on_gpu else "local"
+        return self.attention_backend
 
 
 @dataclass
@@ -163,7 +182,9 @@ class TrainConfig(_Section):
     train_steps: int = option(100, "optimizer steps")
     lr: float = option(3e-4, "peak learning rate")
     min_lr: float = option(3e-5, "final learning rate of the decay")
-    lr_warmup_steps: int = option(10, "linear warm-up steps")
+    lr_warmup_steps: int | None = option(None, "linear warm-up steps (or lr_warmup_fraction; neither: none)")
+    lr_warmup_fraction: float | None = option(None, "linear warm-up as a fraction of train_steps "
+                                              "(Megatron-LM's --lr-warmup-fraction)")
     lr_decay_style: str = option("cosine", "learning-rate decay", ("constant", "linear", "cosine", "WSD"))
     weight_decay: float = option(0.1, "AdamW weight decay")
     adam_beta1: float = option(0.9, "Adam beta1")
@@ -184,11 +205,23 @@ class TrainConfig(_Section):
         self._positive("seq_length", "micro_batch_size", "global_batch_size", "train_steps", "log_interval")
         if min(self.eval_interval, self.eval_iters, self.max_nan_skips, self.exit_interval) < 0:
             raise ConfigError("train.eval_interval, eval_iters, max_nan_skips and exit_interval must be >= 0")
-        if not 0 <= self.lr_warmup_steps < self.train_steps:
+        if self.lr_warmup_steps is not None and self.lr_warmup_fraction is not None:
+            raise ConfigError(f"train.lr_warmup_steps ({self.lr_warmup_steps}) and train.lr_warmup_fraction "
+                              f"({self.lr_warmup_fraction}) are both set; set one (the other to null)")
+        if self.lr_warmup_steps is not None and not 0 <= self.lr_warmup_steps < self.train_steps:
             raise ConfigError(f"train.lr_warmup_steps ({self.lr_warmup_steps}) must be in [0, train.train_steps="
-                              f"{self.train_steps})")
+                              f"{self.train_steps}); or give train.lr_warmup_fraction")
+        if self.lr_warmup_fraction is not None and not 0 <= self.lr_warmup_fraction < 1:
+            raise ConfigError(f"train.lr_warmup_fraction ({self.lr_warmup_fraction}) must be in [0, 1)")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"train.min_lr ({self.min_lr}) must be between 0 and train.lr ({self.lr})")
+
+    @property
+    def warmup_steps(self) -> int:
+        """The warm-up in steps, whichever way it was given (what the scheduler and resume checks use)."""
+        if self.lr_warmup_fraction is not None:
+            return int(self.lr_warmup_fraction * self.train_steps)
+        return self.lr_warmup_steps or 0
 
 
 @dataclass
@@ -288,8 +321,13 @@ class Config:
 
 
 def resolve_vocabulary(cfg: Config, vocab_size: int, mask_token_id: int, source: str) -> Config:
-    """Fill model.vocab_size and tidar.mask_token_id from a tokenizer's (ids [0, vocab_size), its mask
-    token), and check explicit values against it.  `source` names the tokenizer in errors."""
+    """Fill model.vocab_size and tidar.mask_token_id from a tokenizer's, and check explicit values against it.
+
+    `vocab_size`: the ids text encodes to, [0, vocab_size) (the tokenizer's own vocabulary, without a mask
+    token it appends: `Tokenizer.text_vocab_size`); `mask_token_id`: its mask token (== vocab_size when
+    appended: a new row).
+    The model needs a row for every text id; its mask token is its own (import-hf's, or the tokenizer's by
+    default).  `source` names the tokenizer in errors."""
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = vocab_size
     elif cfg.model.vocab_size < vocab_size:
@@ -480,6 +518,9 @@ def _coerce(value, typ, name: str, source: str):
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typ is dict:
+        if isinstance(value, dict):
+            return value
     raise ConfigError(f"{source}: {name} must be {_type_name(typ)}, got {value!r}")
 
 

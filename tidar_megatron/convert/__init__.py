@@ -1,7 +1,6 @@
-"""Hugging Face <-> TiDAR Megatron checkpoints.
+"""Hugging Face <-> TiDAR Megatron checkpoints (reading Hugging Face directories: `tidar_megatron.hf`).
 
-    hf_config.py   the one reader of config.json (shared with the decoder)
-    mapping.py     the HF <-> Megatron config and weight mapping, one table
+    mapping.py     the HF <-> Megatron config and weight mapping, one table; the vocabulary decision
     hf_import.py   `tidar-megatron import-hf`
     hf_export.py   `tidar-megatron export`
     process.py     the fresh single-rank process a conversion runs in

@@ -218,6 +218,12 @@ class Tokenizer:
         return hashlib.sha256(json.dumps([pieces, self.eod_id]).encode()).hexdigest()[:16]
 
     @property
+    def text_vocab_size(self) -> int:
+        """The ids text encodes to, [0, text_vocab_size): the tokenizer's own vocabulary, without a mask
+        token appended to it (`vocab_size` counts that one too)."""
+        return self._base_vocab
+
+    @property
     def encodes_by_line(self) -> bool:
         """True when text is encoded one distinct line at a time through a cache (exact for this model:
         identity normalisation and no piece spanning a newline)."""

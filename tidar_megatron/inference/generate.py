@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tidar_megatron.console import entry_point
-from tidar_megatron.convert.hf_config import NOT_A_MODEL_DIR, HFCheckpointNotFound
+from tidar_megatron.hf.config import NOT_A_MODEL_DIR, HFCheckpointNotFound
 from tidar_megatron.inference.decoding import ATTENTION, MODES, Decoder, DecodingError
 from tidar_megatron.inference.sampling import SamplingConfig
 

@@ -1,7 +1,8 @@
-"""Reading Hugging Face checkpoint directories for `model.py`.
+"""Loading Hugging Face checkpoint directories into `model.Transformer`.
 
-Only config.json and the safetensors files are read: transformers' modeling code is not used, so the parity
-tests against transformers compare two independent implementations.
+Only config.json and the safetensors files are read (through `tidar_megatron.hf`, the reader conversion
+uses too): transformers' modeling code is not used, so the parity tests against transformers compare two
+independent implementations.
 """
 
 from __future__ import annotations
@@ -10,46 +11,17 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from tidar_megatron.convert.hf_config import (
-    NOT_A_MODEL_DIR,
-    HFCheckpointNotFound,
-    HFConfig,
-    HFConfigError,
-    UnsupportedHFCheckpoint,
-    read_hf_config,
-    read_json,
-)
-from tidar_megatron.inference.model import ModelArgs, Transformer, rope_inverse_frequencies
-
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+from tidar_megatron.hf.config import NOT_A_MODEL_DIR, HFCheckpointNotFound, HFConfig, HFConfigError, read_hf_config
+from tidar_megatron.hf.rope import inverse_frequencies
+from tidar_megatron.hf.weights import load_weights
+from tidar_megatron.inference.model import ModelArgs, Transformer
 
 
-def model_args(hf: HFConfig, source: str = "config.json") -> ModelArgs:
-    """The decoder's architecture from the shared config.json reading (convert/hf_config.py)."""
-    if hf.sliding_window:
-        raise UnsupportedHFCheckpoint(f"{source}: use_sliding_window=true is not supported: the decoder uses full attention")
-    if hf.rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedHFCheckpoint(f"{source}: rope_type {hf.rope_type!r} is not supported by the TiDAR decoder "
-                            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+def model_args(hf: HFConfig) -> ModelArgs:
+    """The decoder's architecture from the shared config.json reading (what it refuses, this refuses)."""
     # ModelArgs' fields are named as the shared reading names them: the architecture carries over as is.
     return ModelArgs(**{f.name: getattr(hf, f.name) for f in fields(ModelArgs)})
-
-
-def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All safetensors weights of a Hugging Face directory (single file or sharded with an index)."""
-    index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(read_json(model_dir, index.name)["weight_map"].values())) if index.is_file() \
-        else ["model.safetensors"]
-    if not (model_dir / files[0]).is_file():
-        raise HFCheckpointNotFound(f"{model_dir} has no model.safetensors (or safetensors index); only safetensors "
-                            "checkpoints are read")
-    weights = {}
-    for name in files:
-        weights.update(load_file(str(model_dir / name)))
-    # Older checkpoints store RoPE's inverse frequencies; they are derived from the config here.
-    return {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
 
 
 def load_hf_model(model_dir: str | Path, dtype=torch.float32, device="cpu") -> tuple[Transformer, HFConfig]:
@@ -60,7 +32,7 @@ def load_hf_model(model_dir: str | Path, dtype=torch.float32, device="cpu") -> t
         raise HFCheckpointNotFound(f"{model_dir}: not found; {NOT_A_MODEL_DIR}")
     weights = load_weights(model_dir)
     hf = read_hf_config(model_dir, weights)
-    args = model_args(hf, str(model_dir / "config.json"))
+    args = model_args(hf)
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # a tied head is the embedding (a stored copy equals it)
     with torch.device("meta"):
@@ -74,5 +46,5 @@ def load_hf_model(model_dir: str | Path, dtype=torch.float32, device="cpu") -> t
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # to_empty breaks the tie; restore it
     # Meta-device buffers hold no values, and `.to(dtype)` would round RoPE's frequencies: recompute in fp32.
-    model.inv_freq = rope_inverse_frequencies(args).to(device)
+    model.inv_freq = inverse_frequencies(args.rope_theta, args.head_dim, args.rope_scaling)[0].to(device)
     return model.eval(), hf

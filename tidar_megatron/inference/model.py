@@ -1,4 +1,4 @@
-"""A compact decoder-only transformer for Qwen2 / Qwen2.5, Qwen3 and Llama checkpoints (gpt-fast style).
+"""A compact decoder-only transformer for Qwen2 / Qwen2.5 / Qwen3, Llama and Mistral checkpoints (gpt-fast style).
 
 Parameter names are the Hugging Face ones, so a checkpoint's state dict loads as is and a trained model saves
 back as one.  The attention takes an explicit boolean mask (True = may attend) instead of a causal flag:
@@ -7,12 +7,13 @@ TiDAR passes mix causal and bidirectional rows, and the mask always comes from `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tidar_megatron.hf.rope import inverse_frequencies
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ModelArgs:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None = None   # Llama 3 "llama3" frequency scaling; None = plain RoPE
+    rope_scaling: dict | None = None   # linear / llama3 / yarn, in hf.rope's normalised form; None = plain RoPE
     attention_bias: bool = False       # q/k/v biases (Qwen2); o_proj never has one in these families
     qk_norm: bool = False              # per-head RMSNorm of q and k before RoPE (Qwen3)
     tie_word_embeddings: bool = False
@@ -43,23 +44,6 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
-
-
-def rope_inverse_frequencies(args: ModelArgs) -> torch.Tensor:
-    dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if args.rope_scaling is None:
-        return inv_freq
-    # Llama 3.1 scaling: stretch low frequencies by `factor`, keep high ones, interpolate in between.
-    s = args.rope_scaling
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_context = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-    smooth = (old_context / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
-    return torch.where(medium, smoothed, scaled)
 
 
 def rotate_half(x):
@@ -162,7 +146,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inverse_frequencies(args), persistent=False)
+        inv_freq, self.rope_attention_factor = inverse_frequencies(args.rope_theta, args.head_dim, args.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def setup_kv_cache(self, batch_size: int, num_slots: int):
         """Preallocates every layer's cache, used by calls to `forward` that pass `cache_slots`.
@@ -197,7 +182,8 @@ class Transformer(nn.Module):
         freqs = positions[..., None].float() * self.inv_freq  # [b, s, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]   # [b, s, 1, head_dim]: broadcast over heads
         x = self.model.embed_tokens(tokens)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        scale = self.rope_attention_factor  # YaRN's factor on cos and sin; 1 otherwise
+        cos, sin = (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_slots, num_keys, layout, cache_rows)
         return self.lm_head(self.model.norm(x))

@@ -2,7 +2,8 @@
 
 Only two things change relative to GPTModel, and only those are overridden:
   * RoPE is applied at the layout's position ids (GPTModel's RoPE would use 0..S-1 and ignore them), so a
-    mask token carries the position of the token it drafts;
+    mask token carries the position of the token it drafts; the RoPE itself (theta, linear / llama3 / yarn
+    scaling: `rope_arguments`) is megatron-core's;
   * attention follows the layout's rule, through the backend chosen in the layer spec (attention.py).
     The forward is handed the `TiDARLayout` explicitly and passes it down as Megatron's `attention_mask`:
     the dense mask (local), a post-scale bias (te) or the layout's tensor encoding (flex, kernel).
@@ -17,14 +18,29 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from tidar_megatron.config import Config
+from tidar_megatron.compat.megatron_rope import set_yarn
+from tidar_megatron.config import Config, ModelConfig
 from tidar_megatron.model import attention
+
+
+def rope_arguments(m: ModelConfig) -> dict:
+    """GPTModel's RoPE arguments for model.rope_base and model.rope_scaling (hf.rope's normalised form):
+    linear scaling is megatron-core's position interpolation, llama3 its `rope_scaling` (whose fixed low /
+    high frequency factors and original context hf.rope checks), yarn its YarnRotaryEmbedding."""
+    scaling = m.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    args = dict(position_embedding_type="yarn" if kind == "yarn" else "rope", rotary_base=m.rope_base)
+    if kind == "linear":
+        args["seq_len_interpolation_factor"] = scaling["factor"]
+    if kind == "llama3":
+        args.update(rope_scaling=True, rope_scaling_factor=scaling["factor"])
+    return args
 
 
 def transformer_config(cfg: Config, on_gpu: bool) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     dtype = torch.bfloat16 if cfg.train.bf16 else torch.float32
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -69,13 +85,16 @@ def transformer_config(cfg: Config, on_gpu: bool) -> TransformerConfig:
         recompute_method=(m.recompute_method or "uniform") if m.recompute_granularity == "full" else None,
         recompute_num_layers=(m.recompute_num_layers or 1) if m.recompute_granularity == "full" else None,
     )
+    if m.rope_scaling and m.rope_scaling["rope_type"] == "yarn":
+        set_yarn(config, m.rope_scaling)
+    return config
 
 
 class TiDARModel(GPTModel):
     def __init__(self, cfg: Config, pre_process: bool = True, post_process: bool = True, vp_stage=None,
                  on_gpu: bool | None = None):
         on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-        backend = cfg.model.attention_backend
+        backend = cfg.model.attention_backend_on(on_gpu)
         attention.check_backend_available(backend, on_gpu)
         super().__init__(
             config=transformer_config(cfg, on_gpu),
@@ -85,9 +104,8 @@ class TiDARModel(GPTModel):
             pre_process=pre_process,
             post_process=post_process,
             share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(cfg.model.rope_base),
             vp_stage=vp_stage,
+            **rope_arguments(cfg.model),
         )
         self.backend = backend
         self.fused_loss = cfg.model.fused_loss
@@ -101,6 +119,8 @@ class TiDARModel(GPTModel):
             if position_ids.dim() == 2 and torch.equal(position_ids, position_ids[:1].expand_as(position_ids)):
                 position_ids = position_ids[0]
             table = self.rotary_pos_emb(int(position_ids.max()) + 1)
+            if isinstance(table, tuple):  # YaRN's also returns its cos / sin factor, which attention applies
+                table = table[0]
             if position_ids.dim() == 1:
                 out[1] = table[position_ids.to(table.device)]
             else:  # per-sample positions (packed documents): [b, S] -> [S, b, 1, d], broadcast over heads
@@ -178,7 +198,8 @@ def vocab_parallel_argmax(logits: torch.Tensor, group) -> torch.Tensor:
 
 
 def build_model(cfg: Config, on_gpu: bool | None = None) -> list[TiDARModel]:
-    """The model chunks of this rank (one, or `virtual_pipeline` chunks for interleaved 1F1B)."""
+    """The model chunks of this rank (one, or `virtual_pipeline` chunks for interleaved 1F1B), in bf16 with
+    `train.bf16` (the optimizer keeps fp32 main weights)."""
     vp = cfg.parallel.virtual_pipeline
     chunks = []
     for stage in range(vp or 1):
@@ -190,4 +211,6 @@ def build_model(cfg: Config, on_gpu: bool | None = None) -> list[TiDARModel]:
             vp_stage=vp_stage,
             on_gpu=on_gpu,
         ))
+    if cfg.train.bf16:  # every parameter, as Megatron-LM's Float16Module casts it: the local spec's norms ignore
+        chunks = [c.bfloat16() for c in chunks]  # params_dtype, and mixed-dtype buffers break the optimizer's save
     return chunks

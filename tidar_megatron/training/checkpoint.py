@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 # torch's DCP reports read failures as this BaseException subclass, which `except Exception` misses.
@@ -341,15 +342,39 @@ def resume(trainer, directory: str | Path) -> dict | None:
     return None
 
 
-def load_model_weights(model, path: str | Path):
+_VOCABULARY_HINT = (" (model.vocab_size, tidar.mask_token_id and model.make_vocab_size_divisible_by decide the "
+                    "rows: train with the checkpoint's own, e.g. import-hf's config.yaml)")
+
+
+def check_shapes(path: Path, model, what: str = "this run's config"):
+    """Every tensor of the model chunks against its global shape in the checkpoint at `path`: one line on a
+    mismatch, naming the tensor and both shapes.  dist_checkpointing itself would load the overlap of a
+    smaller tensor silently (e.g. fewer vocabulary rows, the rest left at zero)."""
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    for chunk in model:
+        for sh in nested_values(getattr(chunk, "module", chunk).sharded_state_dict()):
+            if not isinstance(sh, ShardedTensor):  # SwiGLU's fc1 factory: checked by the load itself
+                continue
+            if sh.key not in saved:
+                raise CheckpointError(f"{path}: has no tensor {sh.key}, which {what} implies; the config does "
+                                      "not match the weights")
+            if tuple(saved[sh.key].global_shape) != tuple(sh.global_shape):
+                vocabulary = "word_embeddings" in sh.key or "output_layer" in sh.key
+                raise CheckpointError(f"{path}: {sh.key} has shape {tuple(saved[sh.key].global_shape)} but {what} "
+                                      f"gives {tuple(sh.global_shape)}; the config does not match the weights"
+                                      f"{_VOCABULARY_HINT if vocabulary else ''}")
+
+
+def load_model_weights(model, path: str | Path, what: str = "this run's config"):
     """Initialise model chunks from a checkpoint's weights only (e.g. a converted Hugging Face model).
-    Shapes must match the current config; the error names both."""
+    Shapes must match the config the model was built from (`what`, in errors) exactly (`check_shapes`)."""
     path = Path(path)
     if not (path / "metadata.json").is_file():
         candidates = find_resumable(path)
         if not candidates:
             raise CheckpointError(f"{path}: no checkpoint found (expected metadata.json or iter_* folders)")
         path = candidates[0]
+    check_shapes(path, model, what)
     state = _model_state(model, prefix_chunks=len(model) > 1)
     try:
         loaded = dist_checkpointing.load(state, str(path))

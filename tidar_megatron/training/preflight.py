@@ -31,7 +31,7 @@ def check_data(cfg: Config) -> Tokenizer:
     tokenizer = Tokenizer(d.tokenizer)
     for info in prefixes:
         check_made_by(info, tokenizer)
-    resolve_vocabulary(cfg, tokenizer.vocab_size, tokenizer.mask_id, f"data.tokenizer {d.tokenizer}")
+    resolve_vocabulary(cfg, tokenizer.text_vocab_size, tokenizer.mask_id, f"data.tokenizer {d.tokenizer}")
     blend.check(blends, d.split, split_sizes(cfg), cfg.train.seq_length)
     return tokenizer
 
@@ -55,10 +55,27 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def check_backend(cfg: Config):
+    """The attention backend and the fused loss can train on this device: every combination that cannot is
+    refused here in one line, not with a traceback once the first step runs."""
     from tidar_megatron.model.attention import check_backend_available
 
     on_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
-    check_backend_available(cfg.model.attention_backend, on_gpu)
+    backend = cfg.model.attention_backend_on(on_gpu)
+    check_backend_available(backend, on_gpu)
+    if on_gpu:
+        return
+    use_auto = "use model.attention_backend auto (local on the CPU)"
+    if backend == "flex":
+        raise ConfigError(f"model.attention_backend=flex cannot train on the CPU (FlexAttention has no backward "
+                          f"there); {use_auto}")
+    # Triton runs on the CPU only in its interpreter, which must be chosen before triton is imported.
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if backend == "kernel" and not interpreted:
+        raise ConfigError("model.attention_backend=kernel on the CPU needs Triton's interpreter: set "
+                          f"TRITON_INTERPRET=1 (slow, for tests) or {use_auto}")
+    if cfg.model.fused_loss and not interpreted:
+        raise ConfigError("model.fused_loss (a Triton kernel) on the CPU needs Triton's interpreter: set "
+                          "TRITON_INTERPRET=1 (slow, for tests) or --model.fused_loss false")
 
 
 def check(cfg: Config, world_size: int) -> Tokenizer:

@@ -23,7 +23,8 @@ from tidar_megatron.training.trainer import lr_schedule
 
 # OptimizerParamScheduler.state_dict() key -> the config field that sets it
 SCHEDULE_FIELDS = {"lr_decay_steps": "train.train_steps", "max_lr": "train.lr", "min_lr": "train.min_lr",
-                   "lr_warmup_steps": "train.lr_warmup_steps", "lr_decay_style": "train.lr_decay_style",
+                   "lr_warmup_steps": "warm-up steps (train.lr_warmup_steps or lr_warmup_fraction)",
+                   "lr_decay_style": "train.lr_decay_style",
                    "start_wd": "train.weight_decay"}
 
 MEANING_FIELDS = ("tidar.objective", "tidar.draft_block_size", "tidar.mask_token_id", "train.seq_length",

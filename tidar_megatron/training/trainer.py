@@ -152,6 +152,6 @@ def build_trainer(cfg: Config, on_gpu: bool) -> Trainer:
 def lr_schedule(t: TrainConfig) -> dict:
     """The schedule of `t` as OptimizerParamScheduler takes it, and records it in its state_dict (the names
     and units resume_check.py compares a checkpoint's with)."""
-    return dict(max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.lr_warmup_steps, lr_decay_steps=t.train_steps,
+    return dict(max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_steps, lr_decay_steps=t.train_steps,
                 lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
                 wd_incr_steps=t.train_steps, wd_incr_style="constant")
