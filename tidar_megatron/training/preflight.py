@@ -7,6 +7,7 @@ fixes the vocabulary: `config.resolve_vocabulary`), the checkpoint paths and the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
