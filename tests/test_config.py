@@ -40,7 +40,8 @@ def test_dotted_overrides_are_typed():
     (["--parallel.context_parallel", "2"], "context_parallel > 1 is not supported"),
     (["--parallel.virtual_pipeline", "2"], "parallel.virtual_pipeline (2) needs"),
     (["--train.lr_warmup_steps", "500"], "train.lr_warmup_steps (500)"),
-    (["--train.lr_warmup_fraction", "0.1"], "train.lr_warmup_steps (10) and train.lr_warmup_fraction (0.1) are both set"),
+    (["--train.lr_warmup_fraction", "0.1", "--train.lr_warmup_steps", "3"],
+     "train.lr_warmup_steps (3) and train.lr_warmup_fraction (0.1) are both set"),
     (["--model.num_layers"], "has no value"),
 ])
 def test_bad_values_name_the_field(overrides, message):

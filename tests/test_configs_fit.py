@@ -55,8 +55,13 @@ def test_warmup_is_a_fraction_of_the_run_in_the_recipes():
     assert load_config("1p5b", ["--train.train_steps", "2"]).train.warmup_steps == 0  # a short run is fine
     assert load_config("tiny", ["--train.lr_warmup_steps", "null", "--train.lr_warmup_fraction", "0.25",
                                 "--train.train_steps", "8"]).train.warmup_steps == 2
+    # The warm-up given the other way on the command line replaces the preset's (steps <-> fraction).
+    t = load_config("1p5b", ["--train.lr_warmup_steps", "5"]).train
+    assert (t.lr_warmup_steps, t.lr_warmup_fraction, t.warmup_steps) == (5, None, 5)
+    t = load_config("tiny", ["--train.lr_warmup_fraction", "0.5", "--train.train_steps", "8"]).train
+    assert (t.lr_warmup_steps, t.warmup_steps) == (None, 4)
     with pytest.raises(ConfigError, match="are both set; set one"):
-        load_config("1p5b", ["--train.lr_warmup_steps", "5"])
+        load_config("1p5b", ["--train.lr_warmup_steps", "5", "--train.lr_warmup_fraction", "0.1"])
     with pytest.raises(ConfigError, match=r"train.lr_warmup_fraction \(1.0\) must be in \[0, 1\)"):
         load_config("1p5b", ["--train.lr_warmup_fraction", "1"])
 

@@ -14,7 +14,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from tidar_megatron.data.corpus import InputError
-from tidar_megatron.data.tokenize_corpus import FatalDocumentError, main, tokenize_corpus
+from tidar_megatron.data.tokenize_corpus import main, tokenize_corpus
 from tidar_megatron.data.tokenizer import Tokenizer, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]

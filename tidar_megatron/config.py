@@ -391,7 +391,7 @@ def _read_preset(preset: str | Path, chain: tuple = ()) -> tuple[dict, str]:
     for section, values in raw.items():
         values = {} if values is None else values
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
-            merged[section] = {**merged[section], **values}
+            merged[section] = {**_without_alternatives(merged[section], section, values), **values}
         else:
             merged[section] = values
     return merged, f"{source} (on {base_source})"
@@ -412,7 +412,23 @@ def load_config(preset: str | Path, overrides: list[str] | None = None) -> Confi
             raise ConfigError(f"{source}: {section} is not a mapping of fields (overriding --{key})")
         raw[section][name] = value
         from_cli.add((section, name))
+    for section, name in from_cli:  # a field given on the command line replaces its alternative from the file
+        other = ALTERNATIVES.get((section, name))
+        if other and other not in from_cli and raw[section].get(other[1]) is not None:
+            raw[section][other[1]] = None
     return from_dict(raw, source=source, from_cli=from_cli)
+
+
+# Fields that say the same thing two ways: a later source (an including file, the command line) that sets one
+# replaces the other from an earlier one, so `--train.lr_warmup_steps 100` works on a preset with a fraction.
+ALTERNATIVES = {("train", "lr_warmup_steps"): ("train", "lr_warmup_fraction"),
+                ("train", "lr_warmup_fraction"): ("train", "lr_warmup_steps")}
+
+
+def _without_alternatives(base: dict, section: str, values: dict) -> dict:
+    """`base`'s fields less those whose alternative `values` sets."""
+    dropped = {other[1] for name in values if (other := ALTERNATIVES.get((section, name))) and other[1] not in values}
+    return {k: v for k, v in base.items() if k not in dropped}
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, object]]:
