@@ -1,4 +1,4 @@
-"""Run megatron-core's real code paths on a machine without CUDA.
+"""Run megatron-core's real code paths on a machine without CUDA (written against megatron-core 0.19.2).
 
 megatron-core assumes CUDA in about a dozen places (RNG tracker, `torch.cuda.current_device()` buffers,
 RoPE, `device="cuda"` literals in schedules and optimizers, `'torch.cuda.FloatTensor'` type asserts in

@@ -27,6 +27,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from tidar_megatron.compat.te_attention import selected_attention_backends
 from tidar_megatron.errors import TiDARError
 from tidar_megatron.layout import TiDARLayout
 
@@ -178,12 +179,7 @@ def assert_te_fused_backend():
     """After a TE forward: fail unless TE ran its fused (cuDNN) attention.  TE silently falls back to
     unfused O(S^2) attention when no fused kernel accepts the inputs (TE issue #3006); for the TiDAR
     bias that would be both slow and memory-hungry, so say so instead of training on."""
-    try:
-        from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention as dpa
-        selected = dict(dpa._attention_backends)
-    except (ImportError, AttributeError) as e:
-        raise BackendUnavailable(f"cannot read TransformerEngine's attention backend selection ({e}); "
-                                 "this TE version is not supported by model.attention_backend=te") from None
+    selected = selected_attention_backends()
     if not selected.get("use_fused_attention"):
         chosen = "flash" if selected.get("use_flash_attention") else "unfused"
         raise BackendUnavailable(f"TransformerEngine chose {chosen} attention for the TiDAR bias, not fused "
