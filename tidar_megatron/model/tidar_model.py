@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
@@ -154,7 +155,6 @@ class TiDARModel(RopeAtPositions, GPTModel):
     def _fused_per_token_loss(self, hidden_states, output_weight, labels, config, **_):
         """GPTModel's output hook: per-token cross-entropy [b, S] without materialising the [b, S, V]
         logits (tidar_kernels.fused_loss), vocab-parallel under TP like Megatron's output layer."""
-        from megatron.core import tensor_parallel
         from tidar_kernels.fused_loss import linear_cross_entropy
 
         weight = self.output_layer.weight if output_weight is None else output_weight
