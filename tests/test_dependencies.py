@@ -43,8 +43,8 @@ MEGATRON = ("megatron", "tidar_megatron.training", "tidar_megatron.model")  # me
 DELIBERATELY_LAZY = {
     "training/loop.py": (("torch",) + MEGATRON,
                          "`train --help` prints every field before torch / megatron-core load (tests/test_cli.py)"),
-    "data/tokenize_corpus.py": (("megatron",), "`tokenize` shows its progress at once; megatron-core's datasets "
-                                               "module loads in the workers that write .bin/.idx"),
+    "data/tokenize_corpus.py": (("megatron",), "megatron-core's indexed_dataset (seconds) loads when .bin/.idx "
+                                               "are written, not for `tokenize --help` or an input error"),
     "convert/hf_export.py": (MEGATRON, "the conversion runs in a spawned process (convert/process.py): the "
                                        "caller does not load megatron-core"),
     "convert/hf_import.py": (MEGATRON, "as convert/hf_export.py"),

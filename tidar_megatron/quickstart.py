@@ -23,6 +23,9 @@ from tidar_megatron.console import entry_point
 from tidar_megatron.data.tokenize_corpus import tokenize_corpus
 from tidar_megatron.data.tokenizer import Tokenizer, train_sentencepiece
 
+# Each stage imports what it runs: `quickstart --help` and the first stages (tokenizer, tokenize) start
+# without torch and megatron-core.
+
 PROMPT = "def fibonacci(n):\n    "
 HELDOUT_PROMPTS = 6       # prompts cut from held-out standard-library files
 PROMPT_TOKENS = 48

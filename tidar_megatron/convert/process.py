@@ -21,6 +21,9 @@ from tidar_megatron.config import Config, from_dict
 from tidar_megatron.errors import TiDARError
 from tidar_megatron.net import free_port
 
+# megatron-core and the model are imported inside the functions that run in the spawned process, where
+# its parallel state and the CPU layer (compat/cpu.py) start.
+
 
 @contextlib.contextmanager
 def session():
