@@ -1,8 +1,8 @@
 """Straight dependencies, read from the source (AST), not from what happens to be imported at run time:
 
   * the import graph between tidar_megatron's subpackages (and top-level modules) has no cycle;
-  * private names of third-party packages (`x._name`, `super()._name` over a third-party base class,
-    `from x import _name`) appear only inside tidar_megatron/compat/, which names the version they were
+  * private names of third-party packages (`x._name`, `getattr(x, "_name")`, `super()._name` over a
+    third-party base class, `from x import _name`) appear only inside tidar_megatron/compat/, which names the version they were
     written for;
   * imports inside function bodies are only of optional extras or of modules a file imports late on purpose
     (each with its reason below); everything else is imported at the top of its module.
@@ -203,6 +203,11 @@ def private_third_party_uses(modules=MODULES) -> list[str]:
                     name = node.attr
                 elif not is_super and getattr(base, "id", None) not in ("self", "cls") and node.attr not in defined:
                     name = node.attr
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "setattr", "hasattr")
+                  and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+                  and isinstance(node.args[1].value, str) and _private(node.args[1].value)
+                  and getattr(node.args[0], "id", None) not in ("self", "cls") and node.args[1].value not in defined):
+                name = node.args[1].value
             elif isinstance(node, ast.ImportFrom) and _absolute(node, module, rel).split(".")[0] != ROOT:
                 name = next((a.name for a in node.names if _private(a.name)), None)
                 name = name or next((p for p in (node.module or "").split(".") if _private(p)), None)
@@ -221,10 +226,11 @@ def test_private_third_party_names_only_in_compat():
 def test_the_private_name_check_sees_what_it_should():
     source = ("import torch\nfrom lm_eval.models.utils import _add_special_kwargs\n"
               "class Model(torch.nn.Module):\n    def forward(self, x):\n        self._own = torch._C\n"
-              "        return super()._call_impl(x), self._own, x._unpublished, (1, 2).__len__()\n")
+              "        return super()._call_impl(x), self._own, x._unpublished, (1, 2).__len__(), getattr(x, '_hidden')\n")
     found = private_third_party_uses([("model/example.py", f"{ROOT}.model.example", ast.parse(source))])
     assert sorted(f.split(": ")[1] for f in found) == [
-        "from lm_eval.models.utils import _add_special_kwargs", "super()._call_impl", "torch._C", "x._unpublished"]
+        "from lm_eval.models.utils import _add_special_kwargs", "getattr(x, '_hidden')", "super()._call_impl",
+        "torch._C", "x._unpublished"]
 
 
 def function_level_imports() -> list[str]:
