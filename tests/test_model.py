@@ -276,3 +276,49 @@ def test_packed_documents_are_independent():
     torch.testing.assert_close(packed[cut:L], alone["B"][0, :L - cut], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[L:L + cut], alone["A"][0, cut:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[L + cut:], alone["B"][0, L - cut:], rtol=1e-5, atol=1e-5)
+
+
+def test_rope_at_positions_gathers_megatron_cores_table_and_names_its_version():
+    """compat/megatron_rope.py's override of GPTModel's private _preprocess: RoPE rows at the layout's
+    positions ([S] or per sample [b, S]); another megatron-core, or a path with cos / sin tables, is refused."""
+    from tidar_megatron.compat.megatron_rope import RopeAtPositions, check_megatron_core_version
+    from tidar_megatron.errors import TiDARError
+
+    check_megatron_core_version((0, 19))
+    with pytest.raises(TiDARError, match=r"^tidar_megatron/compat/megatron_rope.py overrides GPTModel._preprocess "
+                                         r"of megatron-core 0.19, but 0.20 is installed"):
+        check_megatron_core_version((0, 20))
+
+    def table(n):  # row i holds i: [n, 1, 1, 2], megatron-core's rotary_pos_emb layout
+        return torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 1, 2)
+
+    class Preprocess:  # stands in for GPTModel: returns what its _preprocess returns for 0..S-1
+        def __init__(self, outputs):
+            self.outputs = outputs
+
+        def _preprocess(self, input_ids, position_ids, **kwargs):
+            return self.outputs
+
+    class Model(RopeAtPositions, Preprocess):
+        rotary_pos_emb = staticmethod(table)
+
+    positions = torch.tensor([0, 1, 2, 1, 2, 3])
+    out = Model(("hidden", table(6), None, None, None, None))._preprocess(None, positions)
+    assert out[0] == "hidden" and out[1].shape == (6, 1, 1, 2) and out[1][:, 0, 0, 0].tolist() == positions.tolist()
+    per_sample = torch.stack([positions, positions + 1])
+    out = Model(("hidden", table(6), None, None, None, None))._preprocess(None, per_sample)
+    assert out[1].shape == (6, 2, 1, 2) and torch.equal(out[1][:, :, 0, 0].T, per_sample.float())
+    with pytest.raises(TiDARError, match="flash_decode"):
+        Model(("hidden", None, table(6), table(6), None, None))._preprocess(None, positions)
+
+
+def test_te_backend_record_names_its_compat_module_without_te():
+    import importlib.util
+
+    from tidar_megatron.compat.te_attention import selected_attention_backends
+    from tidar_megatron.errors import TiDARError
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("TransformerEngine is installed: tests/test_gpu.py runs the te backend")
+    with pytest.raises(TiDARError, match=r"compat/te_attention.py reads TransformerEngine 2.17.1"):
+        selected_attention_backends()

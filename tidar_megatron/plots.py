@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from tidar_megatron.atomic import atomic_path
@@ -133,8 +134,6 @@ def draw_acceptance(by_block_size: dict, path: str | Path) -> Path:
 
 @entry_point("tidar-megatron layout")
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(prog="tidar-megatron layout", description=draw_layout.__doc__)
     parser.add_argument("--clean-len", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=4)

@@ -20,6 +20,11 @@ import time
 from pathlib import Path
 
 from tidar_megatron.console import entry_point
+from tidar_megatron.data.tokenize_corpus import tokenize_corpus
+from tidar_megatron.data.tokenizer import Tokenizer, train_sentencepiece
+
+# Each stage imports what it runs: `quickstart --help` and the first stages (tokenizer, tokenize) start
+# without torch and megatron-core.
 
 PROMPT = "def fibonacci(n):\n    "
 HELDOUT_PROMPTS = 6       # prompts cut from held-out standard-library files
@@ -57,9 +62,6 @@ def _stage(number: int, text: str):
 
 
 def run(out: Path, steps: int, corpus_mb: float, vocab_size: int, seq_length: int, evaluate: bool = True) -> dict:
-    from tidar_megatron.data.tokenize_corpus import tokenize_corpus
-    from tidar_megatron.data.tokenizer import Tokenizer, train_sentencepiece
-
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "summary.json"
     if summary_path.is_file() and evaluate:
@@ -141,7 +143,6 @@ def _acceptance_words(report: dict) -> str:
 def export_and_evaluate(out: Path, tok_path: Path, heldout: list[str], heldout_prefix: Path, seq_length: int,
                         tidar_cfg, steps_tokens: int) -> dict:
     from tidar_megatron import convert
-    from tidar_megatron.data.tokenizer import Tokenizer
     from tidar_megatron.evaluation import generation, likelihood, repetition
     from tidar_megatron.inference.decoding import Decoder
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from tidar_megatron.inference.hf_checkpoint import load_hf_model
 from tidar_megatron.inference.model import Transformer
 from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.training import loss
@@ -99,8 +100,6 @@ def trained_toy_checkpoint(model_dir, corpus: torch.Tensor, steps: int, model_ty
                            **config_overrides) -> list[float]:
     """`tiny_hf_checkpoint(model_dir, model_type, **config_overrides)` trained with the TiDAR loss on `corpus`
     (with its tidar_mask_token_id and tidar_draft_block_size) and saved back; returns the step losses."""
-    from tidar_megatron.inference.hf_checkpoint import load_hf_model
-
     tiny_hf_checkpoint(model_dir, model_type, **config_overrides)
     model, hf = load_hf_model(model_dir)
     losses = train_tidar(model, corpus, hf.tidar_mask_token_id, hf.tidar_draft_block_size, steps)

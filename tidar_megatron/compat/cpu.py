@@ -1,4 +1,4 @@
-"""Run megatron-core's real code paths on a machine without CUDA.
+"""Run megatron-core's real code paths on a machine without CUDA (written against megatron-core 0.19.2).
 
 megatron-core assumes CUDA in about a dozen places (RNG tracker, `torch.cuda.current_device()` buffers,
 RoPE, `device="cuda"` literals in schedules and optimizers, `'torch.cuda.FloatTensor'` type asserts in
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import megatron.core.tensor_parallel.random as mrandom
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -99,8 +100,6 @@ def enable(reason: str = "no CUDA device found", requested: bool = False) -> boo
         return True
     if torch.cuda.is_available() and not requested:
         raise RuntimeError("tidar_megatron.compat.cpu is only enabled without CUDA or with --train.device cpu")
-    import megatron.core.tensor_parallel.random as mrandom
-
     cuda = torch.cuda
     cuda.current_device = lambda: "cpu"
     cuda.device_count = lambda: 0

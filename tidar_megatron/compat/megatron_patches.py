@@ -14,7 +14,10 @@ the gap (tests/test_checkpoint.py and tests/test_train.py fail without them).
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
+import sys
+from multiprocessing.managers import SyncManager
 
 import torch
 
@@ -60,10 +63,6 @@ def shield_async_results_queue(get_results_queue, signals: tuple):
     megatron-core (and nvidia-resiliency-ext) create it lazily, at the first async save, in a plain
     Manager, and keep it in their module's `_results_queue`; filling that slot first is the only way to
     give the Manager an initializer."""
-    import multiprocessing
-    import sys
-    from multiprocessing.managers import SyncManager
-
     name = get_results_queue.__module__
     if not signals or name in _shielded_managers:
         return

@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from tidar_megatron.atomic import atomic_dir
 from tidar_megatron.config import ConfigError, from_dict
@@ -30,6 +31,10 @@ from tidar_megatron.console import entry_point
 from tidar_megatron.convert.hf_import import check_output
 from tidar_megatron.convert.mapping import ConvertError, architecture, hf_files, megatron_to_hf
 from tidar_megatron.convert.process import in_fresh_process, single_rank_model
+from tidar_megatron.data.tokenizer import Tokenizer, TokenizerError
+
+# megatron-core (seconds to import) and the training modules are imported inside the functions that run in
+# the spawned conversion process (process.py): `export --help` and the calling process stay light.
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
@@ -63,8 +68,6 @@ def _eos_id(tokenizer: Path | None) -> int | None:
     keeps its source's ids)."""
     if tokenizer is None:
         return None
-    from tidar_megatron.data.tokenizer import Tokenizer, TokenizerError
-
     try:
         return Tokenizer(str(tokenizer)).eod_id
     except TokenizerError as e:
@@ -97,7 +100,6 @@ def export_local(checkpoint_dir, output_dir, tokenizer=None, force: bool = False
                  dtype: str | None = None) -> Path:
     """Export in this process; needs a single-rank Megatron session (`process.session`)."""
     from megatron.core import dist_checkpointing
-    from safetensors.torch import save_file
 
     from tidar_megatron.training.checkpoint import CheckpointError, load_model_weights
 

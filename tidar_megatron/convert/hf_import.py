@@ -39,6 +39,9 @@ from tidar_megatron.data.tokenizer import Tokenizer, TokenizerError
 from tidar_megatron.hf.config import HFConfigError, read_hf_config
 from tidar_megatron.hf.weights import load_weights
 
+# megatron-core (seconds to import) and the training modules are imported inside the functions that run in
+# the spawned conversion process (process.py): `import-hf --help` and the calling process stay light.
+
 log = logging.getLogger(__name__)
 # Files that make a directory a Hugging Face tokenizer (AutoTokenizer reads one of them).
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

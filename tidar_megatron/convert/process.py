@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import multiprocessing as mp
 import os
 import queue
 import traceback
 
+from tidar_megatron import console
 from tidar_megatron.config import Config, from_dict
 from tidar_megatron.errors import TiDARError
 from tidar_megatron.net import free_port
+
+# megatron-core and the model are imported inside the functions that run in the spawned process, where
+# its parallel state and the CPU layer (compat/cpu.py) start.
 
 
 @contextlib.contextmanager
@@ -45,10 +51,6 @@ def single_rank_model(cfg: Config):
 
 
 def _child(fn, args, results):
-    import logging
-
-    from tidar_megatron import console
-
     console.setup()
     logging.getLogger("tidar_megatron.compat.cpu").setLevel(logging.ERROR)  # the caller knows it is on a CPU
     try:
@@ -62,8 +64,6 @@ def _child(fn, args, results):
 
 def in_fresh_process(fn, *args):
     """fn(*args) in a spawned single-rank CPU process; its TiDARError is re-raised here as the same type."""
-    import multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     # A world of one on the CPU, whatever launcher or GPUs the caller has (TE's layers need a GPU).

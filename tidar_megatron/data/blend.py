@@ -22,8 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
 
 from tidar_megatron.config import ConfigError, DataConfig
+from tidar_megatron.data.prefix_check import indexed_dataset
 
 SPLITS = ("train", "valid", "test")
 
@@ -135,11 +140,6 @@ class Part:
 
 
 def _split_bounds(split: str):
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-
     try:
         return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     except Exception:  # Megatron asserts on a malformed split
@@ -149,8 +149,6 @@ def _split_bounds(split: str):
 def contents(blends: Blends, split: str) -> list[list[Part] | None]:
     """Per split (train, valid, test) the parts it is drawn from (None: the split is not built).  Document
     ranges are cut as Megatron's builder cuts them."""
-    from tidar_megatron.data.prefix_check import indexed_dataset
-
     if blends.whole is not None:
         bounds, per_split = _split_bounds(split), [blends.whole] * 3
     else:

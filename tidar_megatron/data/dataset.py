@@ -9,9 +9,10 @@ micro-batch from the clean tokens by `TiDARLayout` alone.  Every rank builds its
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from torch.utils.data import DataLoader, default_collate
 
 from tidar_megatron.data.batch import PackedDocuments, from_gpt_batch
@@ -46,10 +47,6 @@ def build_gpt_datasets(blend: Blends | list[str], split: str, sequence_length: i
     config, so two builds with the same seed agree.  Call on every rank: Megatron's builder synchronises
     ranks when torch.distributed is initialised.
     """
-    with warnings.catch_warnings():  # megatron.core warns about missing TE/Apex on import
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     blends = blend if isinstance(blend, Blends) else Blends(parse_blend(blend, "blend"), None, "blend")
     for p in blends.prefixes:
         if not (os.path.exists(f"{p}.idx") and os.path.exists(f"{p}.bin")):

@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from tidar_megatron.data import sidecar
 from tidar_megatron.data.tokenizer import Tokenizer
@@ -42,9 +42,6 @@ class PrefixInfo:
 
 
 def indexed_dataset(prefix: str):
-    with warnings.catch_warnings():  # megatron.core warns about missing TE/Apex on import
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
     return IndexedDataset(prefix)
 
 

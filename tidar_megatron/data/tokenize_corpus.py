@@ -28,6 +28,7 @@ import numpy as np
 
 from tidar_megatron.atomic import atomic_path, sweep_temporaries, write_atomic
 from tidar_megatron.console import entry_point
+from tidar_megatron.console import quiet_third_party_warnings
 from tidar_megatron.data import columnar, sidecar
 from tidar_megatron.data.corpus import (
     Chunk,
@@ -84,8 +85,6 @@ def _megatron_indexed():
     """megatron.core's indexed_dataset module, without its start-up warnings (TE/Apex missing, no rank
     known) that would bury the progress line, also when called as a library; importing megatron.core
     takes seconds, so it is imported when needed."""
-    from tidar_megatron.console import quiet_third_party_warnings
-
     quiet_third_party_warnings()
     from megatron.core.datasets import indexed_dataset
     return indexed_dataset

@@ -7,12 +7,14 @@ The wrapper is also what Megatron-core's dataset config expects as `tokenizer` (
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import io
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -21,6 +23,7 @@ import sentencepiece as spm
 
 from tidar_megatron.atomic import write_atomic
 from tidar_megatron.console import entry_point
+from tidar_megatron.data.corpus import find_inputs, iter_texts
 from tidar_megatron.errors import TiDARError
 
 MASK_TOKEN = "<|mask|>"
@@ -316,10 +319,6 @@ class Tokenizer:
 @entry_point("tidar-megatron train-tokenizer")
 def main(argv: list[str] | None = None) -> int:
     """Console entry: train a SentencePiece model from the same inputs tokenize accepts."""
-    import argparse
-    import sys
-
-    from tidar_megatron.data.corpus import find_inputs, iter_texts
     ap = argparse.ArgumentParser(prog="tidar-megatron train-tokenizer",
                                  description="Train a SentencePiece model that is lossless for source code.")
     ap.add_argument("--input", nargs="+", required=True, help="files and/or directories (JSONL, Parquet, Arrow, "

@@ -22,13 +22,22 @@ import functools
 import math
 
 import torch
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from tidar_megatron.compat.te_attention import selected_attention_backends
 from tidar_megatron.errors import TiDARError
 from tidar_megatron.layout import TiDARLayout
+
+# TransformerEngine and apex (optional extras) and the Triton kernels (compiled on first use) are imported
+# where they are used.
 
 
 class BackendUnavailable(TiDARError, RuntimeError):
@@ -75,8 +84,6 @@ class _LayoutAttention(MegatronModule):
 
 class FlexTiDARAttention(_LayoutAttention):
     def attend(self, query, key, value, layout):
-        from torch.nn.attention.flex_attention import flex_attention
-
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         fn = _compiled_flex_attention() if q.is_cuda else flex_attention
         out = fn(q, k, v, block_mask=_block_mask(layout, q.device), scale=self.softmax_scale,
@@ -86,15 +93,11 @@ class FlexTiDARAttention(_LayoutAttention):
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=False)
 
 
 @functools.lru_cache(maxsize=8)
 def _block_mask(layout: TiDARLayout, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     return create_block_mask(layout.mask_mod(device), layout.batch_size, None, layout.seq_len, layout.seq_len,
                              device=device)
 
@@ -118,11 +121,6 @@ def check_backend_available(backend: str, on_gpu: bool):
                                      f"(pip install '.[te]' on a CUDA machine): {e}") from None
         if not on_gpu:
             raise BackendUnavailable("model.attention_backend=te needs a CUDA device; use local on CPU")
-    if backend == "flex":
-        try:
-            from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-        except ImportError as e:
-            raise BackendUnavailable(f"model.attention_backend=flex needs torch >= 2.5: {e}") from None
     if backend == "kernel":
         try:
             import tidar_kernels.tidar_attention  # noqa: F401
@@ -153,16 +151,12 @@ def layer_spec(backend: str, qk_layernorm: bool, normalization: str) -> ModuleSp
     With TransformerEngine on a GPU the layer is TE's (fused norm+linear, needed for sequence parallelism
     without apex) whatever the attention backend; otherwise Megatron's local layer."""
     if backend == "te" or te_available():
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     else:
         spec = get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization=normalization)
     spec = copy.deepcopy(spec)
     attn = spec.submodules.self_attention
     if backend == "local":
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
-
         attn.params["attn_mask_type"] = AttnMaskType.arbitrary
         attn.submodules.core_attention = DotProductAttention  # Megatron's own, also under the TE layer
     elif backend == "te":
@@ -178,12 +172,7 @@ def assert_te_fused_backend():
     """After a TE forward: fail unless TE ran its fused (cuDNN) attention.  TE silently falls back to
     unfused O(S^2) attention when no fused kernel accepts the inputs (TE issue #3006); for the TiDAR
     bias that would be both slow and memory-hungry, so say so instead of training on."""
-    try:
-        from transformer_engine.pytorch.attention.dot_product_attention import dot_product_attention as dpa
-        selected = dict(dpa._attention_backends)
-    except (ImportError, AttributeError) as e:
-        raise BackendUnavailable(f"cannot read TransformerEngine's attention backend selection ({e}); "
-                                 "this TE version is not supported by model.attention_backend=te") from None
+    selected = selected_attention_backends()
     if not selected.get("use_fused_attention"):
         chosen = "flash" if selected.get("use_flash_attention") else "unfused"
         raise BackendUnavailable(f"TransformerEngine chose {chosen} attention for the TiDAR bias, not fused "

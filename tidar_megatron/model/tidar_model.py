@@ -2,8 +2,8 @@
 
 Only two things change relative to GPTModel, and only those are overridden:
   * RoPE is applied at the layout's position ids (GPTModel's RoPE would use 0..S-1 and ignore them), so a
-    mask token carries the position of the token it drafts; the RoPE itself (theta, linear / llama3 / yarn
-    scaling: `rope_arguments`) is megatron-core's;
+    mask token carries the position of the token it drafts (compat/megatron_rope.py's RopeAtPositions); the
+    RoPE itself (theta, linear / llama3 / yarn scaling: `rope_arguments`) is megatron-core's;
   * attention follows the layout's rule, through the backend chosen in the layer spec (attention.py).
     The forward is handed the `TiDARLayout` explicitly and passes it down as Megatron's `attention_mask`:
     the dense mask (local), a post-scale bias (te) or the layout's tensor encoding (flex, kernel).
@@ -15,10 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from tidar_megatron.compat.megatron_rope import set_yarn
+from tidar_megatron.compat.megatron_rope import RopeAtPositions, set_yarn
 from tidar_megatron.config import Config, ModelConfig
 from tidar_megatron.model import attention
 
@@ -90,7 +91,10 @@ def transformer_config(cfg: Config, on_gpu: bool) -> TransformerConfig:
     return config
 
 
-class TiDARModel(GPTModel):
+class TiDARModel(RopeAtPositions, GPTModel):
+    """GPTModel with RoPE at the layout's positions (RopeAtPositions, compat/: it overrides a private
+    method) and attention that follows the layout."""
+
     def __init__(self, cfg: Config, pre_process: bool = True, post_process: bool = True, vp_stage=None,
                  on_gpu: bool | None = None):
         on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
@@ -111,21 +115,6 @@ class TiDARModel(GPTModel):
         self.fused_loss = cfg.model.fused_loss
         self.default_layout = cfg.layout
         self._te_backend_checked = False
-
-    # --- RoPE at the layout's positions --------------------------------------------------------
-    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
-        out = list(super()._preprocess(input_ids, position_ids, *args, **kwargs))
-        if out[1] is not None:  # rotary_pos_emb [S, 1, 1, d] for positions 0..S-1 -> gather ours
-            if position_ids.dim() == 2 and torch.equal(position_ids, position_ids[:1].expand_as(position_ids)):
-                position_ids = position_ids[0]
-            table = self.rotary_pos_emb(int(position_ids.max()) + 1)
-            if isinstance(table, tuple):  # YaRN's also returns its cos / sin factor, which attention applies
-                table = table[0]
-            if position_ids.dim() == 1:
-                out[1] = table[position_ids.to(table.device)]
-            else:  # per-sample positions (packed documents): [b, S] -> [S, b, 1, d], broadcast over heads
-                out[1] = table[position_ids.to(table.device)][:, :, 0].transpose(0, 1)
-        return tuple(out)
 
     # --- attention mask for the chosen backend -------------------------------------------------
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None, layout=None, score=False,
@@ -166,7 +155,6 @@ class TiDARModel(GPTModel):
     def _fused_per_token_loss(self, hidden_states, output_weight, labels, config, **_):
         """GPTModel's output hook: per-token cross-entropy [b, S] without materialising the [b, S, V]
         logits (tidar_kernels.fused_loss), vocab-parallel under TP like Megatron's output layer."""
-        from megatron.core import tensor_parallel
         from tidar_kernels.fused_loss import linear_cross_entropy
 
         weight = self.output_layer.weight if output_weight is None else output_weight

@@ -27,6 +27,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.strategies.torch import get_async_strategy
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 # torch's DCP reports read failures as this BaseException subclass, which `except Exception` misses.
@@ -126,8 +127,6 @@ class AsyncSaves:
         and the writers' result queue lives in a multiprocessing Manager process that such a signal would
         kill, breaking the very save the signal asks for; that process ignores them.  `queue`: an
         AsyncCallsQueue to use instead of a new one of megatron-core's."""
-        from megatron.core.dist_checkpointing.strategies.torch import get_async_strategy
-
         try:
             self.strategy, queue_cls = get_async_strategy("nvrx", "AsyncCallsQueue")
         except ModuleNotFoundError:

@@ -16,6 +16,7 @@ import torch
 
 from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.training.loss import TokenCounts, tidar_loss
+from tidar_megatron.training.validation import draft_quality
 
 
 def make_forward_step(layout: TiDARLayout, alpha: float, counts: TokenCounts, num_microbatches: int,
@@ -27,8 +28,6 @@ def make_forward_step(layout: TiDARLayout, alpha: float, counts: TokenCounts, nu
         per_token = output_tensor[..., 0] if score else output_tensor
         share, stats = tidar_loss(per_token, batch["ar_mask"], batch["diff_mask"], alpha, counts)
         if score:
-            from tidar_megatron.training.validation import draft_quality
-
             stats.update(draft_quality(batch.get("layout", layout), output_tensor[..., 1].long(), batch["targets"],
                                        batch["ar_mask"], batch["diff_mask"]))
         return share * (num_microbatches * dp_size), stats

@@ -7,8 +7,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
+from megatron.core import parallel_state as ps
+
 from tidar_megatron.config import Config
+from tidar_megatron.data import blend
 from tidar_megatron.data.batch import PackedDocuments
+from tidar_megatron.data.dali_loader import DaliTiDARBatches
+from tidar_megatron.data.dataset import TiDARBatches, build_gpt_datasets
+from tidar_megatron.data.prefix_check import VocabularyGuard, check_prefix
 from tidar_megatron.data.tokenizer import Tokenizer
 
 
@@ -22,9 +29,6 @@ def split_sizes(cfg: Config) -> list[int]:
 def data_summary(cfg: Config) -> list[str]:
     """The lines a run starts with: each training dataset's weight, documents, tokens and the epochs the
     run takes of it, then a note for every prefix without a sidecar (its tokenizer was not checked)."""
-    from tidar_megatron.data import blend
-    from tidar_megatron.data.prefix_check import check_prefix
-
     blends = blend.resolve(cfg.data)
     sizes = split_sizes(cfg)
     lines = blend.describe(blend.contents(blends, cfg.data.split), sizes, cfg.train.seq_length)
@@ -37,13 +41,6 @@ def build_data(cfg: Config, tokenizer: Tokenizer, consumed_samples: int,
     """Train iterator (resumable) and a factory of fresh validation iterators (None without a valid split).
     Needs Megatron's parallel state.  Global rank 0 reports `data_summary` through `report` (default: a
     line on stderr each)."""
-    import torch
-    from megatron.core import parallel_state as ps
-
-    from tidar_megatron.data import blend
-    from tidar_megatron.data.dataset import TiDARBatches, build_gpt_datasets
-    from tidar_megatron.data.prefix_check import VocabularyGuard
-
     d, t = cfg.data, cfg.train
     if torch.distributed.get_rank() == 0:
         for line in data_summary(cfg):
@@ -63,8 +60,6 @@ def build_data(cfg: Config, tokenizer: Tokenizer, consumed_samples: int,
         common = dict(consumed_samples=consumed, dp_rank=dp_rank, dp_size=dp, documents=documents, guard=guard)
         args = (ds, t.micro_batch_size, cfg.layout, cfg.tidar.mask_token_id)
         if d.loader == "dali":
-            from tidar_megatron.data.dali_loader import DaliTiDARBatches  # a clear error when DALI is absent
-
             return DaliTiDARBatches(*args, **common)
         return TiDARBatches(*args, **common, num_workers=d.num_workers)
 

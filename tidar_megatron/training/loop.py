@@ -8,20 +8,22 @@ the same, exit 130; a second Ctrl-C aborts at once).
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
+from tidar_megatron import config, console
 from tidar_megatron.config import Config
 from tidar_megatron.console import entry_point
+from tidar_megatron.errors import TiDARError
 
 
 def train(cfg: Config) -> dict:
     """Run (or resume) the training `cfg` describes on the ranks of this launch; returns the last step's
     metrics, `history` (every step's) and `valid` (the last validation)."""
+    # torch and megatron-core load here, not at the top: `train --help` lists every field without them.
     import torch
 
-    from tidar_megatron import console
-    from tidar_megatron.errors import TiDARError
     from tidar_megatron.training import checkpoint, distributed, preflight
     from tidar_megatron.training.inputs import build_data
     from tidar_megatron.training.metrics import Progress, count_parameters
@@ -119,10 +121,6 @@ def train(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """`tidar-megatron train`: parses `--config` and the dotted overrides without importing megatron-core,
     so `--help` (every config field) is instant."""
-    import sys
-
-    from tidar_megatron import config
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print("usage: tidar-megatron train [--config PRESET|YAML] [--section.field VALUE ...]\n\n"

@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from tidar_megatron.atomic import write_atomic
 from tidar_megatron.config import Config
+from tidar_megatron.plots import PlotsUnavailable, draw_training
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +43,6 @@ def count_parameters(model_chunks: list) -> int:
     """Parameters of the whole model, summed over the model-parallel ranks (a collective over them), as
     Megatron-LM counts them: a tensor-parallel shard on every TP rank, a replicated parameter (norms) on
     one, the last stage's copy of a tied embedding not at all."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
     local = sum(p.numel() for chunk in model_chunks for p in chunk.parameters()
                 if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False))
     total = torch.tensor([local], dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -156,8 +156,6 @@ class Progress:
         if not self.enabled:
             return
         if self.history:
-            from tidar_megatron.plots import PlotsUnavailable, draw_training
-
             try:
                 path = draw_training(self.history, self.validation, Path(self.cfg.checkpoint.dir) / "loss.png")
                 self.message(f"loss curve: {path}")

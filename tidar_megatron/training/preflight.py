@@ -13,16 +13,17 @@ from pathlib import Path
 import torch
 
 from tidar_megatron.config import Config, ConfigError, resolve_vocabulary
+from tidar_megatron.data import blend
+from tidar_megatron.data.prefix_check import check_made_by, check_prefix
 from tidar_megatron.data.tokenizer import Tokenizer
+from tidar_megatron.model.attention import check_backend_available
+from tidar_megatron.training.distributed import validate_layout
+from tidar_megatron.training.inputs import split_sizes
 
 
 def check_data(cfg: Config) -> Tokenizer:
     """The blend names whole .bin/.idx pairs made by data.tokenizer (prefix_check.check_prefix), every split
     it feeds has tokens, and the tokenizer loads; fills the vocabulary from it.  Returns it."""
-    from tidar_megatron.data import blend
-    from tidar_megatron.data.prefix_check import check_made_by, check_prefix
-    from tidar_megatron.training.inputs import split_sizes
-
     d = cfg.data
     blends = blend.resolve(d)
     prefixes = [check_prefix(prefix) for prefix in blends.prefixes]
@@ -58,8 +59,6 @@ def _is_checkpoint(path: Path) -> bool:
 def check_backend(cfg: Config):
     """The attention backend and the fused loss can train on this device: every combination that cannot is
     refused here in one line, not with a traceback once the first step runs."""
-    from tidar_megatron.model.attention import check_backend_available
-
     on_gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
     backend = cfg.model.attention_backend_on(on_gpu)
     check_backend_available(backend, on_gpu)
@@ -81,8 +80,6 @@ def check_backend(cfg: Config):
 
 def check(cfg: Config, world_size: int) -> Tokenizer:
     """All of the above; `world_size` is the launcher's.  Returns the tokenizer."""
-    from tidar_megatron.training.distributed import validate_layout
-
     validate_layout(cfg, world_size)
     tokenizer = check_data(cfg)
     check_checkpoints(cfg)
