@@ -146,3 +146,5 @@ def test_a_weighted_blend_on_the_command_line_trains_and_logs_its_weights(corpus
     assert data_lines[1].startswith("data: weight 0.700  5 documents  ") and data_lines[1].endswith(corpus["prefix"])
     assert data_lines[2].startswith("data: weight 0.300  40 documents  ") and data_lines[2].endswith(str(tmp_path / "code"))
     assert "step 2/2 loss" in proc.stderr and (tmp_path / "run" / "iter_0000002").is_dir()
+    assert data_lines == [line for line in (tmp_path / "run" / "train.log").read_text().splitlines()
+                          if line.startswith("data: ")]  # the run's log keeps them

@@ -60,7 +60,8 @@ def train(cfg: Config) -> dict:
     if rank0 and (note := console.accelerator_note()):
         progress.message(note)
     data_state = (resumed or {}).get("data", {})
-    train_iter, valid_factory = build_data(cfg, tokenizer, data_state.get("consumed_samples", 0))
+    train_iter, valid_factory = build_data(cfg, tokenizer, data_state.get("consumed_samples", 0),
+                                           report=progress.message)  # the data summary goes to train.log too
     if resumed is not None:
         progress.message(f"resumed at step {trainer.step} (consumed samples {train_iter.consumed_samples}); "
                          f"{schedule_note(cfg, resumed)}")
