@@ -13,12 +13,15 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from tidar_megatron.errors import TiDARError
 from tidar_megatron.inference.sampling import SamplingConfig
+
+if TYPE_CHECKING:  # output.py imports this module
+    from tidar_megatron.serving.output import SequenceOutput
 
 
 class QueueFull(TiDARError):
@@ -47,7 +50,7 @@ class Sequence:
     draft_probs: torch.Tensor | None = None   # TiDAR sampling: the drafts' distributions [B - 1, V]
     generator: torch.Generator | None = None
     passes: int = 1                           # the prefill counts
-    output: object = None                     # serving.output.SequenceOutput, made at the first output
+    output: SequenceOutput | None = None      # the output processor's state, made at the first output
 
     def snapshot(self) -> tuple:
         """The decoding state, to rerun a pass that failed (a pass writes only scratch cache slots)."""
