@@ -10,6 +10,7 @@ import sentencepiece as spm
 import torch
 
 from tidar_megatron.data.tokenizer import Tokenizer, train_sentencepiece
+from tidar_megatron.errors import TiDARError
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.sampling import SamplingConfig
 from tidar_megatron.serving import runner as runner_module
@@ -232,3 +233,18 @@ def test_a_sequence_whose_step_raises_ends_alone(decoder, monkeypatch, mode):
         if r.sampling.greedy:
             assert tokens_of(together[r.id]) == decoder.generate(r.prompt_ids, r.max_tokens, mode=mode).tokens[0]
     assert engine.occupancy == 0 and not engine.waiting
+
+
+def test_a_fault_of_the_engine_itself_ends_its_requests_and_refuses_new_ones(decoder, monkeypatch):
+    """Not a request's fault (those end alone, above): the engine thread stops, nothing is left waiting."""
+    engine = Engine(decoder, None, "tidar", max_batch=2, max_model_len=64)
+    events = []
+    monkeypatch.setattr(engine.scheduler, "schedule", lambda: 1 / 0)
+    for prompt in ([5, 6], [7, 8], [9, 10]):
+        engine.submit(Request(prompt, 4, on_event=events.append))
+    engine.start()
+    engine.thread.join(timeout=30)
+    assert not engine.thread.is_alive() and engine.failed.startswith("ZeroDivisionError")
+    assert len(events) == 3 and all(e.finish_reason == "error" for e in events)
+    with pytest.raises(TiDARError, match="restart the server"):
+        engine.submit(Request([5, 6], 4))

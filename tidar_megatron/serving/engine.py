@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from tidar_megatron.errors import TiDARError
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.serving.output import Event, OutputProcessor
 from tidar_megatron.serving.runner import Runner
@@ -50,10 +51,13 @@ class Engine:
         self.block = self.runner.block
         self.thread: threading.Thread | None = None
         self.running = False
+        self.failed: str | None = None  # why the engine thread stopped on a fault of its own
 
     # --- from any thread ------------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
         """Queue a request; raises QueueFull when max_waiting requests already wait."""
+        if self.failed:
+            raise TiDARError(f"the serving engine stopped ({self.failed}): restart the server")
         return self.scheduler.submit(request)
 
     def cancel(self, request_id: int):
@@ -93,10 +97,10 @@ class Engine:
                         return
                 try:
                     self.step()
-                except Exception:  # a fault of the engine itself, not of a request (those end alone)
+                except Exception as e:  # a fault of the engine itself, not of a request (those end alone)
                     traceback.print_exc()
-                    self.running = False
-                    self._end_all("the serving engine failed (see the server's log)")
+                    self.failed, self.running = f"{type(e).__name__}: {e}", False
+                    self._end_all(f"the serving engine failed: {self.failed}")
                     return
 
     def _end_all(self, reason: str):
