@@ -14,8 +14,8 @@ client on loopback; the servers' --max-batch is the largest level.  Levels run i
 each server (this tree and the baseline, TiDAR and AR) in turn, so that a drift of the machine hits all alike.
 
 Engine overhead: the same --overhead-batch prompts decoded by `Decoder.generate` as one batch and by the
-serving engine (no HTTP: `Engine.step` on one thread, max_batch = the batch), each in a subprocess for this
-tree and the baseline; the ratio is the Decoder's tokens/s over the engine's (1.0 = no overhead).
+serving engine (no HTTP: `Engine.step` on one thread, max_batch = the batch, with the model's tokenizer when it
+has one), each in a subprocess for this tree and the baseline; the ratio is the Decoder's tokens/s over the engine's (1.0 = no overhead).
 Without --model the script trains the decoder's toy model on a repetitive corpus (tidar_megatron.testing),
 so that drafts are accepted.  Timings belong here, not in the tests.
 """
@@ -159,18 +159,24 @@ def run_level(url: str, prompts, streams: int, requests: int, max_tokens: int) -
 # --- the engine against the bare Decoder (run in a subprocess per tree: `--overhead-only`) -----------------
 def measure_overhead(model_dir: Path, prompts, batch: int, max_tokens: int, mode: str, device: str,
                      repeats: int) -> dict:
+    from tidar_megatron.errors import TiDARError
     from tidar_megatron.inference.decoding import Decoder
+    from tidar_megatron.inference.generate import load_tokenizer
     from tidar_megatron.serving.engine import Engine, Request
 
     prompts = [prompts[i % len(prompts)] for i in range(batch)]
     decoder = Decoder.from_pretrained(model_dir, device=device)
+    try:  # the engine's text (detokenization) is part of its overhead
+        tokenizer = load_tokenizer(model_dir)
+    except TiDARError:
+        tokenizer = None  # the toy model has none
     engine_s, decoder_s, engine_tokens, decoder_tokens = [], [], 0, 0
     for _ in range(repeats):  # alternated, best of `repeats` each
         start = time.perf_counter()
         out = decoder.generate(prompts, max_tokens, mode=mode)
         decoder_s.append(time.perf_counter() - start)
         decoder_tokens = sum(map(len, out.tokens))
-        engine = Engine(decoder, None, mode, max_batch=batch, max_model_len=512)
+        engine = Engine(decoder, tokenizer, mode, max_batch=batch, max_model_len=512)
         done = []
         requests = [Request(list(p), max_tokens, on_event=lambda e, d=done: d.append(e)) for p in prompts]
         start = time.perf_counter()
