@@ -254,6 +254,7 @@ def main(argv=None) -> int:
     try:
         for server in servers.values():
             server.wait_ready()
+            run_level(server.url, prompts, 1, 2, args.max_tokens)  # warm-up, not counted
         for streams in args.levels:
             level = results["levels"].setdefault(str(streams), {})
             for (tree, mode), server in servers.items():
