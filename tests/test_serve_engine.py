@@ -4,6 +4,7 @@ decoded tokens for a 4,096-token completion, the scheduler's back-pressure, and 
 own sequence while the others finish with the outputs they have alone."""
 
 import random
+import threading
 
 import pytest
 import sentencepiece as spm
@@ -17,6 +18,7 @@ from tidar_megatron.serving import runner as runner_module
 from tidar_megatron.serving.engine import Engine, QueueFull, Request
 from tidar_megatron.serving.output import IncrementalDetokenizer, OutputProcessor
 from tidar_megatron.serving.scheduler import Sequence
+from tidar_megatron.testing import tiny_hf_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TEXT = ("def add(a, b):\n    return a + b  # sum\n\nclass Punkt:\n    größe = 'Größe'  # ü ö ä ß\n"
@@ -144,8 +146,6 @@ def test_a_4096_token_completion_decodes_each_token_a_few_times(tokenizers):
 # --- the engine --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory):
-    from tidar_megatron.testing import tiny_hf_checkpoint
-
     path = tmp_path_factory.mktemp("tiny")
     tiny_hf_checkpoint(path, tidar_mask_token_id=127, tidar_draft_block_size=4, eos_token_id=None)
     return Decoder.from_pretrained(path)
@@ -248,3 +248,57 @@ def test_a_fault_of_the_engine_itself_ends_its_requests_and_refuses_new_ones(dec
     assert len(events) == 3 and all(e.finish_reason == "error" for e in events)
     with pytest.raises(TiDARError, match="restart the server"):
         engine.submit(Request([5, 6], 4))
+
+
+def test_on_loopback_one_request_whose_step_raises_fails_alone_among_streams(tmp_path, monkeypatch):
+    """The collateral-failure trial through the real `openai` client: four greedy streams are running when a
+    request whose decoding step raises arrives; it gets a 500, every stream the text it gets alone."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from tidar_megatron.serving.server import BackgroundServer, build
+
+    train_sentencepiece([TEXT * 20], str(tmp_path / "tokenizer.model"), vocab_size=400)
+    tok = Tokenizer(str(tmp_path / "tokenizer.model"))
+    tiny_hf_checkpoint(tmp_path, vocab_size=tok.vocab_size, tidar_mask_token_id=tok.mask_id,
+                       tidar_draft_block_size=4, eos_token_id=None)
+    real = runner_module.verify_and_redraft
+
+    def step(logits, pending, draft_probs, groups, beta, sampling, generator):
+        if sampling.temperature == 0.123:
+            raise FloatingPointError("probability tensor contains nan (simulated)")
+        return real(logits, pending, draft_probs, groups, beta, sampling, generator)
+
+    monkeypatch.setattr(runner_module, "verify_and_redraft", step)
+    prompts = ["def add(a, b):\n", "class Punkt:\n", "    größe = ", "print(f\"{x"]
+    app, engine = build(tmp_path, mode="tidar", max_batch=4, max_model_len=96)
+    with BackgroundServer(app, engine) as server:
+        api = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        alone = [api.completions.create(model="m", prompt=p, max_tokens=40, temperature=0).choices[0].text
+                 for p in prompts]
+        together, started, errors = {}, [threading.Event() for _ in prompts], []
+
+        def stream(i):
+            try:
+                text = ""
+                for chunk in api.completions.create(model="m", prompt=prompts[i], max_tokens=40, temperature=0,
+                                                    stream=True):
+                    started[i].set()
+                    text += chunk.choices[0].text
+                together[i] = text
+            except Exception as e:  # reported by the assertion below
+                errors.append(e)
+                started[i].set()
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for event in started:
+            event.wait(timeout=60)
+        with pytest.raises(openai.InternalServerError, match="simulated"):
+            api.completions.create(model="m", prompt=prompts[0], max_tokens=20, temperature=0.123, seed=1)
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        assert [together[i] for i in range(len(prompts))] == alone
+        assert engine.occupancy == 0 and not engine.waiting
