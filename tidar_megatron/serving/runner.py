@@ -7,8 +7,9 @@ Each sequence owns one cache row of `capacity` slots (max_model_len plus one dec
 (`scheduler.Sequence`: prefix, pending, draft_probs, generator, passes) and return, per sequence in the order
 given, the tokens the pass made final; stop rules and text are the output processor's.
 
-A pass only writes cache slots at and after each sequence's prefix (scratch until verified), so a pass that
-raised can be run again from the sequences' snapshots (`Sequence.snapshot`).
+The contract the engine relies on: `prefill(seqs)` and `decode(seqs)` change nothing of a sequence but
+those five fields, and no cache slot before its prefix (a pass writes at and after it: scratch until
+verified), so a call that raised can be run again, sequence by sequence, from `Sequence.snapshot`.
 """
 
 from __future__ import annotations
