@@ -109,9 +109,9 @@ class Engine:
 
     def step(self):
         """Drop cancelled requests, admit and prefill waiting ones, then one pass for every active sequence."""
-        scheduled = self.scheduler.schedule()
-        if scheduled.admitted:
-            for seq, tokens in self._isolating_faults(self.runner.prefill, scheduled.admitted):
+        admitted = self.scheduler.schedule()
+        if admitted:
+            for seq, tokens in self._isolating_faults(self.runner.prefill, admitted):
                 self._output(seq, tokens)
         active = list(self.scheduler.running.values())
         if active:

@@ -64,13 +64,6 @@ class Sequence:
             self.generator.set_state(rng)
 
 
-@dataclass
-class Scheduled:
-    """What the engine does in one step."""
-    admitted: list[Sequence]    # new sequences, to prefill
-    cancelled: list[Request]    # cancelled before they finished (rows already freed)
-
-
 class Scheduler:
     def __init__(self, max_batch: int, max_waiting: int):
         if max_waiting < 1:
@@ -105,21 +98,20 @@ class Scheduler:
         return bool(self.waiting or self.running or self.cancelled)
 
     # --- the engine thread ----------------------------------------------------------------------------
-    def schedule(self) -> Scheduled:
-        """Drop cancelled requests (their rows come back), then admit waiting ones into free rows."""
+    def schedule(self) -> list[Sequence]:
+        """Drop cancelled requests (their rows come back), then admit waiting ones into free rows; returns the
+        admitted sequences (to prefill)."""
         with self.wake:
             cancelled, self.cancelled = self.cancelled, set()
-            dropped = [r for r in self.waiting if r.id in cancelled]
             self.waiting = deque(r for r in self.waiting if r.id not in cancelled)
             for seq in [s for s in self.running.values() if s.request.id in cancelled]:
                 self._free(seq)
-                dropped.append(seq.request)
             admitted = []
             while self.waiting and self.free_rows:
                 seq = Sequence(self.waiting.popleft(), self.free_rows.pop(0))
                 self.running[seq.request.id] = seq
                 admitted.append(seq)
-        return Scheduled(admitted, dropped)
+        return admitted
 
     def finish(self, seq: Sequence):
         """The sequence ended (finished, failed or cancelled): its row is free for the next admission."""
