@@ -1,112 +1,76 @@
 """Continuous batching of TiDAR (or AR) decoding: sequences join and leave between forward passes.
 
-The KV cache holds `max_batch` rows of `max_model_len` tokens (plus one decoding pass of scratch).  A
-request waits until a row is free, is prefilled into it alone (the prompt, and for TiDAR one mask block:
-`TiDARLayout.for_prefill`), and from then on takes part in every decoding pass with the other active
-sequences: one forward over their rows, each with its own layout (`TiDARLayout.for_decoding` at its own
-prefix length) and mask.  A sequence that finishes, or whose client goes away, frees its row before the
-next pass.  Everything a sequence's tokens depend on is its own: its cache row, its prefix, its pending
-block, its sampler (seeded per request, drawn from in the order `Decoder` draws at batch 1), so its output
-is what it would be decoded alone (under greedy decoding, token for token).
+Three parts, as vLLM's EngineCore splits them, composed by `Engine.step`:
 
-The engine runs in one background thread (`start`); `submit` and `cancel` may be called from any thread,
-and a request's `on_event` is called from the engine thread after every pass that makes tokens final.
+    scheduler.py  admission into the KV cache's `max_batch` rows, cancellation, a bounded waiting queue
+    runner.py     a pass's inputs, the forward, and the decoding core (prefill, one decoding pass)
+    output.py     stop rule, incremental detokenization, stop strings, usage, finishing
+
+A request waits until a row is free, is prefilled into it, and from then on takes part in every decoding
+pass with the other active sequences.  A sequence that finishes, or whose client goes away, frees its row
+before the next pass.  Everything a sequence's tokens depend on is its own: its cache row, its prefix, its
+pending block, its sampler (seeded per request, drawn from in the order `Decoder` draws at batch 1), so its
+output is what it would be decoded alone (under greedy decoding, token for token).
+
+Faults stay with their sequence: a pass that raises is run again sequence by sequence from their snapshots,
+and only the sequences whose own pass still raises end, with finish_reason "error"; a failed prefill ends
+only its request.  The engine runs in one background thread (`start`); `submit` (which raises
+scheduler.QueueFull when `max_waiting` requests wait) and `cancel` may be called from any thread, and a
+request's `on_event` is called from the engine thread after every pass that makes tokens final.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+import traceback
 from typing import Callable
 
 import torch
 
-from tidar_megatron.inference.decoding import Decoder, clip_at_stop, first_token_and_drafts, verify_and_redraft
-from tidar_megatron.inference.sampling import SamplingConfig, select
-from tidar_megatron.layout import TiDARLayout
+from tidar_megatron.errors import TiDARError
+from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.serving.output import Event, OutputProcessor
+from tidar_megatron.serving.runner import Runner
+from tidar_megatron.serving.scheduler import QueueFull, Request, Scheduler, Sequence
 
-
-@dataclass
-class Event:
-    """What one pass made final for a request."""
-    tokens: list[int]            # the new final tokens
-    text: str                    # the text they add (stop strings cut off)
-    finish_reason: str | None    # None while generating, then "stop" (EOS or a stop string) or "length"
-    usage: dict
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    max_tokens: int
-    sampling: SamplingConfig = SamplingConfig()
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    on_event: Callable[[Event], None] = print
-    id: int = field(default_factory=itertools.count().__next__)
-    arrived: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class _Sequence:
-    request: Request
-    row: int
-    prefix: int                               # cache slots [0, prefix) hold the verified tokens
-    pending: list[int]                        # TiDAR: the pending block; AR: the last token
-    draft_probs: torch.Tensor | None          # TiDAR sampling: the drafts' distributions [B - 1, V]
-    generator: torch.Generator | None
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    passes: int = 1                           # the prefill counts
-    first_token_at: float | None = None
+__all__ = ["Engine", "Event", "QueueFull", "Request"]
 
 
 class Engine:
     """Serves `decoder`'s model with its block size, beta and EOS ids; `metrics`: a serving.metrics.Metrics."""
 
     def __init__(self, decoder: Decoder, tokenizer, mode: str = "tidar", max_batch: int = 8,
-                 max_model_len: int = 2048, metrics=None):
+                 max_model_len: int = 2048, metrics=None, max_waiting: int = 1024):
         self.decoder, self.model, self.tokenizer = decoder, decoder.model, tokenizer
-        self.mode, self.beta = mode, decoder.beta
-        self.block = decoder.block_size if mode == "tidar" else 1
-        self.max_batch, self.max_model_len = max_batch, max_model_len
-        self.device = decoder.device
-        self.eos = set(decoder.eos_token_ids)
+        self.mode, self.max_batch, self.max_model_len = mode, max_batch, max_model_len
         self.metrics = metrics
-        # A pass's rows relative to its first, the prefix only shifts them (decoding.py's module docstring).
-        self.step_layout = TiDARLayout.for_decoding(0, self.block) if mode == "tidar" else TiDARLayout.causal(1)
-        self.capacity = max_model_len + self.step_layout.seq_len  # cache slots per row
-        decoder.model.setup_kv_cache(max_batch, self.capacity)
-        if mode == "tidar":
-            self.groups = self.step_layout.full_block_rows.to(self.device)  # [B, B] rows of group a - 1
-            self.masks = [decoder.mask_token_id] * (self.step_layout.seq_len - self.step_layout.clean_len)
-        self.free_rows = list(range(max_batch))
-        self.waiting: deque[Request] = deque()
-        self.active: dict[int, _Sequence] = {}
-        self.cancelled: set[int] = set()
-        self.wake = threading.Condition()
+        self.scheduler = Scheduler(max_batch, max_waiting)
+        self.runner = Runner(decoder, mode, max_batch, max_model_len, on_forward=self._forward_pass)
+        self.output = OutputProcessor(tokenizer, decoder.eos_token_ids)
+        self.block = self.runner.block
         self.thread: threading.Thread | None = None
         self.running = False
+        self.failed: str | None = None  # why the engine thread stopped on a fault of its own
 
     # --- from any thread ------------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
-        with self.wake:
-            self.waiting.append(request)
-            self.wake.notify()
-        return request.id
+        """Queue a request; raises QueueFull when max_waiting requests already wait."""
+        if self.failed:
+            raise TiDARError(f"the serving engine stopped ({self.failed}): restart the server")
+        return self.scheduler.submit(request)
 
     def cancel(self, request_id: int):
         """Drop a request (its client went away); its row is freed before the next pass."""
-        with self.wake:
-            self.cancelled.add(request_id)
-            self.wake.notify()
+        self.scheduler.cancel(request_id)
 
     @property
     def occupancy(self) -> int:
-        return self.max_batch - len(self.free_rows)
+        return self.scheduler.occupancy
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
 
     def start(self):
         self.running = True
@@ -114,169 +78,94 @@ class Engine:
         self.thread.start()
 
     def stop(self):
-        with self.wake:
+        with self.scheduler.wake:
             self.running = False
-            self.wake.notify()
+            self.scheduler.wake.notify()
         if self.thread is not None:
             self.thread.join(timeout=30)
 
     # --- the engine thread ------------------------------------------------------------------------------
     def _loop(self):
+        wake = self.scheduler.wake
         with torch.inference_mode():
             while True:
-                with self.wake:
-                    while self.running and not (self.waiting or self.active or self.cancelled):
-                        self.wake.wait()
+                with wake:
+                    while self.running and not self.scheduler.has_work():
+                        wake.wait()
                     if not self.running:
-                        self._fail_all("the server is shutting down")
+                        self._end_all("the server is shutting down")
                         return
                 try:
                     self.step()
-                except Exception as e:  # a failed pass (out of memory, say) ends its requests, not the server
-                    self._fail_all(f"{type(e).__name__}: {e}")
+                except Exception as e:  # a fault of the engine itself, not of a request (those end alone)
+                    traceback.print_exc()
+                    self.failed, self.running = f"{type(e).__name__}: {e}", False
+                    self._end_all(f"the serving engine failed: {self.failed}")
+                    return
 
-    def _fail_all(self, reason: str):
-        """End every admitted and waiting request with finish_reason "error" and free their rows."""
-        with self.wake:
-            waiting, self.waiting = list(self.waiting), deque()
-        for seq in list(self.active.values()):
-            self._finish(seq)
-            waiting.append(seq.request)
-        for request in waiting:
-            request.on_event(Event([], "", "error", {"error": reason}))
+    def _end_all(self, reason: str):
+        for request in self.scheduler.drain():
+            self._send(request, Event([], "", "error", {"error": reason}))
 
     def step(self):
-        """Drop cancelled requests, admit waiting ones into free rows, then one pass for every active one."""
-        with self.wake:
-            cancelled, self.cancelled = self.cancelled, set()
-            self.waiting = deque(r for r in self.waiting if r.id not in cancelled)
-            admitted = []
-            while self.waiting and self.free_rows:
-                admitted.append((self.waiting.popleft(), self.free_rows.pop(0)))
-        for seq in [s for s in self.active.values() if s.request.id in cancelled]:
-            self._finish(seq)
-        for i, (request, row) in enumerate(admitted):
-            try:
-                self._prefill(request, row)
-            except Exception as e:  # this request fails; the ones admitted after it wait again
-                with self.wake:
-                    self.free_rows = sorted(self.free_rows + [r for _, r in admitted[i:]])
-                    self.waiting.extendleft(req for req, _ in reversed(admitted[i + 1:]))
-                request.on_event(Event([], "", "error", {"error": f"{type(e).__name__}: {e}"}))
-                raise
-        if self.active:
-            self._decode(list(self.active.values()))
+        """Drop cancelled requests, admit and prefill waiting ones, then one pass for every active sequence."""
+        admitted = self.scheduler.schedule()
+        if admitted:
+            for seq, tokens in self._isolating_faults(self.runner.prefill, admitted):
+                self._output(seq, tokens)
+        active = list(self.scheduler.running.values())
+        if active:
+            for seq, tokens in self._isolating_faults(self.runner.decode, active):
+                if self.metrics is not None and self.mode == "tidar":
+                    self.metrics.accepted(len(tokens))
+                self._output(seq, tokens)
         if self.metrics is not None:
             self.metrics.observe_engine(self)
 
-    def _prefill(self, request: Request, row: int):
-        prompt, n = request.prompt_ids, len(request.prompt_ids)
-        if self.mode == "tidar":
-            layout = TiDARLayout.for_prefill(n, self.block)
-            tokens = prompt + self.masks[:layout.seq_len - layout.clean_len]
-        else:
-            layout, tokens = TiDARLayout.causal(n), prompt
-        logits = self._forward([row], [tokens], [layout], [0])
-        generator = None
-        if not request.sampling.greedy:  # each sequence has its own sampler: seeded, or from entropy
-            generator = torch.Generator(self.device)
-            generator.manual_seed(request.seed) if request.seed is not None else generator.seed()
-        if self.mode == "tidar":
-            first_block = logits[:, layout.full_block_rows[0].to(self.device)]
-            pending, probs = first_token_and_drafts(logits[:, n - 1], first_block, self.beta, request.sampling,
-                                                    generator)
-            probs = None if probs is None else probs[0]
-        else:
-            pending, probs = select(logits[:, n - 1], request.sampling, generator)[0][:, None], None
-        seq = _Sequence(request, row, n, pending[0].tolist(), probs, generator)
-        self.active[request.id] = seq
-        self._emit(seq, seq.pending[:1])
+    def _isolating_faults(self, run: Callable[[list[Sequence]], list[list[int]]], seqs: list[Sequence]):
+        """`run(seqs)` as [(seq, its new tokens)]; when it raises, each sequence is run again alone from its
+        snapshot, and one that still raises ends with an error while the others go on."""
+        saved = [seq.snapshot() for seq in seqs]
+        try:
+            return list(zip(seqs, run(seqs)))
+        except Exception as e:
+            for seq, state in zip(seqs, saved):
+                seq.restore(state)
+            if len(seqs) == 1:
+                self._fail(seqs[0], e)
+                return []
+        return [result for seq in seqs for result in self._isolating_faults(run, [seq])]
 
-    def _decode(self, seqs: list[_Sequence]):
-        seqs = sorted(seqs, key=lambda s: s.row)  # rows 0..n-1 in order need no gather from the cache
-        if self.mode == "tidar":
-            layouts = [TiDARLayout.for_decoding(s.prefix, self.block) for s in seqs]
-            tokens = [s.pending + self.masks for s in seqs]
-        else:
-            layouts = [TiDARLayout.causal(s.prefix + 1) for s in seqs]
-            tokens = [s.pending for s in seqs]
-        logits = self._forward([s.row for s in seqs], tokens, layouts, [s.prefix for s in seqs])
-        # Greedy sequences share one call (no sampler to keep apart); each sampled one draws from its own.
-        greedy = [i for i, s in enumerate(seqs) if s.generator is None]
-        groups = ([greedy] if greedy else []) + [[i] for i, s in enumerate(seqs) if s.generator is not None]
-        for group in groups:
-            first = seqs[group[0]]
-            sampling, generator = first.request.sampling, first.generator
-            if self.mode == "ar":
-                token, _ = select(logits[group, 0], sampling, generator)
-                for seq, t in zip((seqs[i] for i in group), token.tolist()):
-                    seq.passes, seq.prefix, seq.pending = seq.passes + 1, seq.prefix + 1, [t]
-                    self._emit(seq, [t])
-                continue
-            pending = torch.tensor([seqs[i].pending for i in group], device=self.device)
-            probs = None if first.draft_probs is None else first.draft_probs[None]
-            accepted, next_pending, draft_probs = verify_and_redraft(logits[group], pending, probs, self.groups,
-                                                                     self.beta, sampling, generator)
-            for k, (a, nxt) in enumerate(zip(accepted.tolist(), next_pending.tolist())):
-                seq = seqs[group[k]]
-                new = seq.pending[1:a] + nxt[:1]
-                if self.metrics is not None:
-                    self.metrics.accepted(a)
-                seq.passes, seq.prefix, seq.pending = seq.passes + 1, seq.prefix + a, nxt
-                seq.draft_probs = None if draft_probs is None else draft_probs[k]
-                self._emit(seq, new)
+    def _output(self, seq: Sequence, tokens: list[int]):
+        request = seq.request
+        first = seq.output is None
+        try:
+            event = self.output.process(seq, tokens, self.runner.out_of_room(seq))
+        except Exception as e:  # a tokenizer that cannot decode this sequence's tokens, say
+            self._fail(seq, e)
+            return
+        if self.metrics is not None and first:
+            self.metrics.first_token(seq.output.first_token_at - request.arrived)
+        if event.finish_reason is not None:
+            self.scheduler.finish(seq)
+            if self.metrics is not None:
+                self.metrics.finished(event.usage, time.perf_counter() - request.arrived)
+        if not self._send(request, event):
+            self.scheduler.finish(seq)
 
-    def _forward(self, rows: list[int], tokens: list[list[int]], layouts: list[TiDARLayout], first: list[int]):
-        """One forward over the given cache rows: logits [n, width, V] of each sequence's rows."""
+    def _fail(self, seq: Sequence, error: BaseException):
+        self.scheduler.finish(seq)
+        self._send(seq.request, Event([], "", "error", {"error": f"{type(error).__name__}: {error}"}))
+
+    @staticmethod
+    def _send(request: Request, event: Event) -> bool:
+        """Deliver an event; False when the request's callback raised (its receiver is gone)."""
+        try:
+            request.on_event(event)
+            return True
+        except Exception:
+            return False
+
+    def _forward_pass(self):
         if self.metrics is not None:
             self.metrics.forward_pass()
-        return self.decoder.forward_pass(self.decoder.padded(tokens), layouts, first, cache_rows=rows)
-
-    # --- making tokens final ---------------------------------------------------------------------------
-    def _emit(self, seq: _Sequence, tokens: list[int]):
-        request = seq.request
-        if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
-            if self.metrics is not None:
-                self.metrics.first_token(seq.first_token_at - request.arrived)
-        tokens, finish = clip_at_stop(tokens, request.max_tokens - len(seq.generated), self.eos)
-        seq.generated += tokens
-        shown = [t for t in seq.generated if t not in self.eos]  # the completion's text leaves out EOS
-        text = self.tokenizer.decode(shown) if self.tokenizer is not None else ""
-        for stop in request.stop:
-            cut = text.find(stop)
-            if stop and cut >= 0:
-                text, finish = text[:cut], "stop"
-        if finish is None and seq.prefix + self.step_layout.seq_len > self.capacity:
-            finish = "length"  # only reached by callers that skip the API's length check
-        if finish is None:  # hold back what a stop string or a half-decoded character may still change
-            text = _settled(text, request.stop)
-        delta = text[len(seq.text):] if text.startswith(seq.text) else ""
-        seq.text = text if text.startswith(seq.text) else seq.text
-        usage = {"prompt_tokens": len(request.prompt_ids), "completion_tokens": len(seq.generated),
-                 "total_tokens": len(request.prompt_ids) + len(seq.generated), "forward_passes": seq.passes,
-                 "tokens_per_pass": len(seq.generated) / seq.passes}
-        if finish is not None:
-            self._finish(seq)
-            if self.metrics is not None:
-                self.metrics.finished(usage, time.perf_counter() - request.arrived)
-        request.on_event(Event(tokens, delta, finish, usage))
-
-    def _finish(self, seq: _Sequence):
-        if self.active.pop(seq.request.id, None) is not None:
-            with self.wake:
-                self.free_rows.append(seq.row)
-                self.free_rows.sort()
-
-
-def _settled(text: str, stops: list[str]) -> str:
-    """`text` without a tail that could still turn into a stop string or is an incomplete character."""
-    keep = len(text)
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                keep = min(keep, len(text) - n)
-                break
-    while keep and text[keep - 1] == "\ufffd":
-        keep -= 1
-    return text[:keep]
