@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 
+from tidar_megatron.errors import TiDARError
+
 # vLLM's floors (sampling_params.py): below them the scaled logits overflow float32 (temperature 1e-39 is
 # inf after the division) and top_p rounds to 0 in float32.  A temperature of 0.01 is already greedy in
 # all but ties; a top_p of 1e-6 keeps only the most likely token for any vocabulary under a million ids
@@ -33,6 +35,13 @@ class ServeLimits:
     header_timeout_s: float = 10.0     # a connection must finish its request headers within this
     keep_alive_s: float = 5.0          # an idle keep-alive connection is closed after this
     max_connections: int = 1024        # open connections; more are closed at once (503 for extra requests)
+
+    def __post_init__(self):
+        counts = (self.max_body_bytes, self.max_prompt_chars, self.max_connections)
+        if min(counts) < 1 or min(self.header_timeout_s, self.keep_alive_s) <= 0 \
+                or min(self.max_stop_strings, self.max_stop_chars) < 0:
+            raise TiDARError(f"serve limits: --max-body-bytes, --max-prompt-chars and --max-connections must be >= 1, "
+                             f"the timeouts > 0, --max-stop-strings / --max-stop-chars >= 0; got {self}")
 
 
 class ApiError(Exception):

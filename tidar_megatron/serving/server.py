@@ -128,13 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def limits_from(a: argparse.Namespace) -> ServeLimits:
-    limits = ServeLimits(a.max_body_bytes, a.max_prompt_chars, a.max_stop_strings, a.max_stop_chars,
-                         a.header_timeout, a.keep_alive_timeout, a.max_connections)
-    if min(limits.max_body_bytes, limits.max_prompt_chars, limits.max_connections) < 1 or \
-            min(limits.header_timeout_s, limits.keep_alive_s) <= 0 or min(limits.max_stop_strings, limits.max_stop_chars) < 0:
-        raise TiDARError("--max-body-bytes, --max-prompt-chars, --max-connections must be >= 1, the timeouts > 0 "
-                         "and --max-stop-strings / --max-stop-chars >= 0")
-    return limits
+    return ServeLimits(a.max_body_bytes, a.max_prompt_chars, a.max_stop_strings, a.max_stop_chars,
+                       a.header_timeout, a.keep_alive_timeout, a.max_connections)
 
 
 @entry_point("tidar-megatron serve")
