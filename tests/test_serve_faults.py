@@ -254,3 +254,17 @@ def test_a_bad_request_among_running_streams_fails_alone(server, model_dir):  # 
     for (prompt, max_tokens), got in zip(cases, chunks):
         assert got[-1].choices[0].finish_reason in ("length", "stop")
         assert "".join(c.choices[0].text for c in got) == reference(model_dir, prompt, "tidar", max_tokens)
+
+
+def test_cli_flags_set_the_limits_and_the_key(monkeypatch):
+    from tidar_megatron.errors import TiDARError
+    from tidar_megatron.serving.server import build_parser, limits_from
+
+    monkeypatch.setenv("TIDAR_API_KEY", "from-env")
+    a = build_parser().parse_args(["--model", "m", "--max-body-bytes", "1000", "--max-stop-strings", "2",
+                                   "--header-timeout", "3", "--max-connections", "7"])
+    assert a.api_key == "from-env" and a.host == "127.0.0.1"
+    assert limits_from(a) == ServeLimits(max_body_bytes=1000, max_stop_strings=2, header_timeout_s=3.0,
+                                         max_connections=7)
+    with pytest.raises(TiDARError, match="--max-body-bytes"):
+        limits_from(build_parser().parse_args(["--model", "m", "--max-body-bytes", "0"]))
