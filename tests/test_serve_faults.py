@@ -109,12 +109,12 @@ def status_and_json(answer: bytes) -> tuple[int, dict]:
 
 
 def test_a_100_mb_body_is_refused_with_413_before_it_is_read(server):
-    """The server answers from the declared length; the 100 MB are never sent, held or parsed, and the
-    event loop stays free (/health answers meanwhile)."""
+    """The server answers from the declared length alone (the body is never sent; a byte sent after the
+    server closed would reset the connection); /health answers meanwhile."""
     head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000000\r\n\r\n")
     result = {}
-    thread = threading.Thread(target=lambda: result.update(answer=raw_request(server, head, [b'{"prompt": "'])))
+    thread = threading.Thread(target=lambda: result.update(answer=raw_request(server, head)))  # no body byte
     thread.start()
     assert httpx.get(server.url + "/health", timeout=5).json()["status"] == "ok"
     thread.join(timeout=30)
@@ -200,6 +200,16 @@ def test_failures_are_server_errors_and_failed_streams_count_as_errors(server):
     after = counts(server)
     assert after[("/v1/completions", "500")] == before.get(("/v1/completions", "500"), 0) + 2
     assert after.get(("/v1/completions", "200"), 0) == before.get(("/v1/completions", "200"), 0)
+
+
+def test_an_unexpected_exception_is_a_500_server_error_in_openai_format(server, monkeypatch):
+    before = counts(server).get(("/v1/chat/completions", "500"), 0)
+    monkeypatch.setattr(server.engine, "submit", lambda request: (_ for _ in ()).throw(RuntimeError("a bug")))
+    response = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                    "/v1/chat/completions")
+    assert_openai_error(response, 500, kind="server_error")
+    assert "a bug" in response.json()["error"]["message"]
+    assert counts(server)[("/v1/chat/completions", "500")] == before + 1
 
 
 def test_api_key_guards_the_v1_routes(model_dir):  # noqa: F811

@@ -14,6 +14,7 @@ import hmac
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -70,6 +71,9 @@ class Api:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.chat_template, self.metrics, self.limits, self.api_key = chat_template, metrics, limits, api_key
         self.vocab = engine.model.args.vocab_size
+        # Prompts are tokenized off the event loop (a 1M-character prompt takes a few tenths of a second,
+        # which would stall every stream), in one thread: the tokenizer's line cache is not thread-safe.
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidar-tokenize")
 
     def count(self, path: str, status: int | str):
         self.metrics.requests.labels(path if path in ENDPOINTS else "other", str(status)).inc()
@@ -98,7 +102,7 @@ class Api:
                            code="invalid_api_key")
 
     # --- requests -----------------------------------------------------------------------------------------
-    def prompt_ids(self, prompt) -> list[int]:
+    async def prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise ApiError(400, "one prompt per request (n = 1)", "prompt")
@@ -106,7 +110,7 @@ class Api:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ApiError(400, "this model has no tokenizer: send token ids as the prompt", "prompt")
-            return self.tokenizer.encode(prompt)
+            return await asyncio.get_running_loop().run_in_executor(self.encoder, self.tokenizer.encode, prompt)
         return list(prompt)
 
     def engine_request(self, prompt_ids: list[int], body, max_tokens: int | None, on_event) -> EngineRequest:
@@ -129,7 +133,7 @@ class Api:
 
     async def completions(self, request: Request):
         body = parse(CompletionBody, await read_body(request, self.limits.max_body_bytes), self.limits)
-        return await self.run("/v1/completions", self.prompt_ids(body.prompt), body, body.max_tokens,
+        return await self.run("/v1/completions", await self.prompt_ids(body.prompt), body, body.max_tokens,
                               completion_chunk, completion_final)
 
     async def chat_completions(self, request: Request):
@@ -138,7 +142,7 @@ class Api:
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions, or export the "
                            "checkpoint with --chat-template", "messages")
         prompt = render_chat(self.chat_template, [m.model_dump() for m in body.messages], self.tokenizer)
-        return await self.run("/v1/chat/completions", self.prompt_ids(prompt), body,
+        return await self.run("/v1/chat/completions", await self.prompt_ids(prompt), body,
                               body.max_completion_tokens or body.max_tokens, chat_chunk, chat_final)
 
     async def run(self, endpoint: str, prompt_ids: list[int], body, max_tokens, render_chunk, render_final):
