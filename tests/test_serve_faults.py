@@ -239,7 +239,7 @@ def test_a_bad_request_among_running_streams_fails_alone(server, model_dir):  # 
     real = engine.model.forward
 
     def slow_forward(*a, **k):  # keeps the streams running while the bad requests arrive
-        time.sleep(0.05)
+        time.sleep(0.08)
         return real(*a, **k)
 
     cases = [(PROMPTS[0], 80), (PROMPTS[2], 80)]
@@ -254,16 +254,16 @@ def test_a_bad_request_among_running_streams_fails_alone(server, model_dir):  # 
             got.extend(stream)
     finally:
         engine.model.forward = real
-    assert still_running  # the bad requests met the streams in the engine
+    for (prompt, max_tokens), got in zip(cases, chunks):
+        assert got[-1].choices[0].finish_reason in ("length", "stop")
+        assert "".join(c.choices[0].text for c in got) == reference(model_dir, prompt, "tidar", max_tokens)
     for bad, answer in zip(BAD, answers):
         assert answer.status_code in (200, 400), (bad, answer.text)
         if answer.status_code == 400:
             assert answer.json()["error"]["param"] in bad, answer.text
         else:
             assert answer.json()["choices"][0]["finish_reason"] in ("length", "stop")
-    for (prompt, max_tokens), got in zip(cases, chunks):
-        assert got[-1].choices[0].finish_reason in ("length", "stop")
-        assert "".join(c.choices[0].text for c in got) == reference(model_dir, prompt, "tidar", max_tokens)
+    assert still_running  # the bad requests met the streams in the engine
 
 
 def test_cli_flags_set_the_limits_and_the_key(monkeypatch):
