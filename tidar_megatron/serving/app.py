@@ -116,14 +116,14 @@ class Api:
     def engine_request(self, prompt_ids: list[int], body, max_tokens: int | None, on_event) -> EngineRequest:
         if not prompt_ids:
             raise ApiError(400, "the prompt has no tokens", "prompt")
+        limit = self.engine.max_model_len
+        if len(prompt_ids) >= limit:  # before the vocabulary scan: a long id list costs no more than this
+            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the prompt has "
+                           f"{len(prompt_ids)}", "prompt")
         outside = [t for t in prompt_ids if not 0 <= t < self.vocab]
         if outside:
             raise ApiError(400, f"token id {outside[0]} is outside the model's vocabulary ({self.vocab} ids)",
                            "prompt")
-        limit = self.engine.max_model_len
-        if len(prompt_ids) >= limit:
-            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the prompt has "
-                           f"{len(prompt_ids)}", "prompt")
         max_tokens = max_tokens or min(16, limit - len(prompt_ids))
         if len(prompt_ids) + max_tokens > limit:
             raise ApiError(400, f"this model's maximum context length is {limit} tokens; the request has "
