@@ -24,7 +24,7 @@ from tidar_megatron.serving.server import BackgroundServer, build  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LIMITS = ServeLimits(max_body_bytes=64 * 1024, max_prompt_chars=2000, max_stop_strings=4, max_stop_chars=16,
-                     header_timeout_s=1.0, keep_alive_s=5.0, max_connections=24)
+                     header_timeout_s=1.0, body_timeout_s=1.0, keep_alive_s=5.0, max_connections=24)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,15 @@ def test_a_chunked_body_is_refused_with_413_once_it_passes_the_limit(server):
     status, body = status_and_json(raw_request(server, head, [chunk] * 5))
     assert status == 413 and "max-body-bytes" in body["error"]["message"]
     assert client(server).completions.create(model="m", prompt="x = ", max_tokens=3).choices[0].text is not None
+
+
+def test_a_body_that_never_finishes_arriving_gets_408(server):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n")
+    started = time.monotonic()
+    status, body = status_and_json(raw_request(server, head, [b'{"prompt": "x'], read_timeout=10))
+    assert status == 408 and "--body-timeout" in body["error"]["message"]
+    assert time.monotonic() - started < 8
 
 
 @pytest.mark.parametrize("body,param", [
@@ -272,9 +281,9 @@ def test_cli_flags_set_the_limits_and_the_key(monkeypatch):
 
     monkeypatch.setenv("TIDAR_API_KEY", "from-env")
     a = build_parser().parse_args(["--model", "m", "--max-body-bytes", "1000", "--max-stop-strings", "2",
-                                   "--header-timeout", "3", "--max-connections", "7"])
+                                   "--header-timeout", "3", "--body-timeout", "4", "--max-connections", "7"])
     assert a.api_key == "from-env" and a.host == "127.0.0.1"
     assert limits_from(a) == ServeLimits(max_body_bytes=1000, max_stop_strings=2, header_timeout_s=3.0,
-                                         max_connections=7)
+                                         body_timeout_s=4.0, max_connections=7)
     with pytest.raises(TiDARError, match="--max-body-bytes"):
         limits_from(build_parser().parse_args(["--model", "m", "--max-body-bytes", "0"]))

@@ -33,7 +33,7 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     # An error answered before the body was read closes the connection: the unread rest is not waited for.
-    headers = {"connection": "close"} if status == 413 else None
+    headers = {"connection": "close"} if status in (408, 413) else None
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
@@ -132,12 +132,12 @@ class Api:
                              body.stop_strings, on_event)
 
     async def completions(self, request: Request):
-        body = parse(CompletionBody, await read_body(request, self.limits.max_body_bytes), self.limits)
+        body = parse(CompletionBody, await read_body(request, self.limits), self.limits)
         return await self.run("/v1/completions", await self.prompt_ids(body.prompt), body, body.max_tokens,
                               completion_chunk, completion_final)
 
     async def chat_completions(self, request: Request):
-        body = parse(ChatBody, await read_body(request, self.limits.max_body_bytes), self.limits)
+        body = parse(ChatBody, await read_body(request, self.limits), self.limits)
         if self.chat_template is None:
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions, or export the "
                            "checkpoint with --chat-template", "messages")

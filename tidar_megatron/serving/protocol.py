@@ -7,6 +7,7 @@ parameter: a value the engine cannot use would otherwise fail inside a decoding 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -33,12 +34,13 @@ class ServeLimits:
     max_stop_strings: int = 16
     max_stop_chars: int = 128
     header_timeout_s: float = 10.0     # a connection must finish its request headers within this
+    body_timeout_s: float = 30.0       # ... and then its body within this (408 otherwise)
     keep_alive_s: float = 5.0          # an idle keep-alive connection is closed after this
     max_connections: int = 1024        # open connections; more are closed at once (503 for extra requests)
 
     def __post_init__(self):
         counts = (self.max_body_bytes, self.max_prompt_chars, self.max_connections)
-        if min(counts) < 1 or min(self.header_timeout_s, self.keep_alive_s) <= 0 \
+        if min(counts) < 1 or min(self.header_timeout_s, self.body_timeout_s, self.keep_alive_s) <= 0 \
                 or min(self.max_stop_strings, self.max_stop_chars) < 0:
             raise TiDARError(f"serve limits: --max-body-bytes, --max-prompt-chars and --max-connections must be >= 1, "
                              f"the timeouts > 0, --max-stop-strings / --max-stop-chars >= 0; got {self}")
@@ -149,18 +151,25 @@ class ChatBody(_Body):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request's body, refused with 413 as soon as it is known to exceed `limit` bytes (from its
-    Content-Length, or while streaming it in): an oversized body is never held or parsed."""
+async def read_body(request: Request, limits: ServeLimits) -> bytes:
+    """The request's body, refused with 413 as soon as it is known to exceed the size limit (from its
+    Content-Length, or while streaming it in): an oversized body is never held or parsed; and with 408
+    when it does not arrive within the body timeout (a client trickling it would hold the connection)."""
+    limit = limits.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body has {int(declared)} bytes; this server accepts at most {limit} "
                        "(--max-body-bytes)")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)")
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise ApiError(413, f"the request body exceeds {limit} bytes (--max-body-bytes)")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {limits.body_timeout_s} s "
+                       "(--body-timeout)") from None
     return bytes(body)
 
 

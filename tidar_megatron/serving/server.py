@@ -3,7 +3,7 @@
     tidar-megatron serve --model <exported dir> [--host 127.0.0.1] [--port 8000] [--mode tidar|ar]
         [--block-size N] [--beta B] [--max-batch N] [--max-model-len N] [--device ...] [--dtype ...]
         [--api-key KEY] [--max-body-bytes N] [--max-prompt-chars N] [--max-stop-strings N] [--max-stop-chars N]
-        [--header-timeout S] [--keep-alive-timeout S] [--max-connections N]
+        [--header-timeout S] [--body-timeout S] [--keep-alive-timeout S] [--max-connections N]
 
 Use it to serve TiDAR decoding (several tokens per forward pass).  For plain AR serving of the same
 directory a general engine is the better choice (vLLM, SGLang: it loads as a Qwen / Llama model).
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, help="characters per stop string")
     p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
                    help="seconds a connection has to finish its request headers before it is closed")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help="seconds a request has to send its body after its headers (408 otherwise)")
     p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_s,
                    help="seconds an idle keep-alive connection stays open")
     p.add_argument("--max-connections", type=int, default=d.max_connections,
@@ -128,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def limits_from(a: argparse.Namespace) -> ServeLimits:
-    return ServeLimits(a.max_body_bytes, a.max_prompt_chars, a.max_stop_strings, a.max_stop_chars,
-                       a.header_timeout, a.keep_alive_timeout, a.max_connections)
+    return ServeLimits(max_body_bytes=a.max_body_bytes, max_prompt_chars=a.max_prompt_chars,
+                       max_stop_strings=a.max_stop_strings, max_stop_chars=a.max_stop_chars,
+                       header_timeout_s=a.header_timeout, body_timeout_s=a.body_timeout,
+                       keep_alive_s=a.keep_alive_timeout, max_connections=a.max_connections)
 
 
 @entry_point("tidar-megatron serve")
