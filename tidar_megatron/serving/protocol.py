@@ -1,8 +1,9 @@
 """The wire side of the OpenAI-compatible API: request models with OpenAI's ranges, the server's limits,
 reading a body under a size limit, and OpenAI's error object.
 
-Everything a request can get wrong is answered here, before it reaches the engine, as a 4xx naming the
-parameter: a value the engine cannot use would otherwise fail inside a decoding pass.
+What a request body can get wrong is answered here, before it reaches the engine, as a 4xx naming the
+parameter (app.py adds the checks that need the model: vocabulary, context length): a value the engine
+cannot use would otherwise fail inside a decoding pass.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from starlette.requests import Request
 
 from tidar_megatron.errors import TiDARError
 
-# vLLM's floors (sampling_params.py): below them the scaled logits overflow float32 (temperature 1e-39 is
-# inf after the division) and top_p rounds to 0 in float32.  A temperature of 0.01 is already greedy in
-# all but ties; a top_p of 1e-6 keeps only the most likely token for any vocabulary under a million ids
-# (its probability is at least 1 / V), as every smaller top_p does.
+# Floors below which float32 sampling breaks: logits / 1e-39 overflow to inf (softmax gives NaN), and a
+# top_p of 1e-300 rounds to 0 (every token dropped).  The temperature floor is vLLM's (sampling_params.py
+# raises temperatures below 0.01 to 0.01).  A top_p of 1e-6 keeps only the most likely token for any
+# vocabulary under a million ids (its probability is at least 1 / V), as every smaller top_p does.
 MIN_TEMPERATURE = 1e-2
 MIN_TOP_P = 1e-6
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
