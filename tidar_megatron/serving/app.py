@@ -1,213 +1,231 @@
 """The OpenAI-compatible HTTP API over the engine: completions, chat completions, models, health, metrics.
 
 FastAPI (on uvicorn) because it is what OpenAI-compatible servers are built on (vLLM's and SGLang's API
-servers): request bodies validated by pydantic models, server-sent events through StreamingResponse, and a
-streaming client that disconnects cancels its response, which frees the request's KV-cache row (a
-non-streaming request runs to its end).  Errors are OpenAI's
-error object with status 400 (FastAPI's own validation errors, 422, are rewritten to that).
+servers).  Bodies are read under a size limit and validated in protocol.py; server-sent events go through
+StreamingResponse, and a streaming client that disconnects cancels its response, which frees the request's
+KV-cache row (a non-streaming request runs to its end).  Every error, the framework's included (404, 405,
+unhandled exceptions), is OpenAI's error object; 5xx are `server_error`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
-from typing import Literal
+from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from starlette.exceptions import HTTPException
 
 from tidar_megatron.inference.sampling import SamplingConfig
 from tidar_megatron.serving.engine import Engine, Event
 from tidar_megatron.serving.engine import Request as EngineRequest
+from tidar_megatron.serving.protocol import (ApiError, ChatBody, CompletionBody, ServeLimits, error_body, parse,
+                                             read_body)
+
+ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as OpenAI's API does
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    # An error answered before the body was read closes the connection: the unread rest is not waited for.
+    headers = {"connection": "close"} if status in (408, 413) else None
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-class CompletionBody(_Body):
-    prompt: str | list[int] | list[str]
+# --- rendering: one chunk of a stream, and the final non-streamed response -------------------------------
+def completion_chunk(rid: str, created: int, model: str, event: Event) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}],
+            **({"usage": event.usage} if event.finish_reason else {})}
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str
+def completion_final(rid: str, created: int, model: str, text: str, event: Event) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}],
+            "usage": event.usage}
 
 
-class ChatBody(_Body):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+def chat_chunk(rid: str, created: int, model: str, event: Event) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": event.text},
+                         "finish_reason": event.finish_reason}],
+            **({"usage": event.usage} if event.finish_reason else {})}
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.message, self.param = message, param
+def chat_final(rid: str, created: int, model: str, text: str, event: Event) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": event.finish_reason}], "usage": event.usage}
 
 
-def _error(message: str, param: str | None = None, status: int = 400) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param,
-                                   "code": None}}, status_code=status)
+class Api:
+    """The handlers, over one engine; `create_app` routes to them."""
 
+    def __init__(self, engine: Engine, tokenizer, model_name: str, chat_template: str | None, metrics,
+                 limits: ServeLimits, api_key: str | None):
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.chat_template, self.metrics, self.limits, self.api_key = chat_template, metrics, limits, api_key
+        self.vocab = engine.model.args.vocab_size
+        # Prompts are tokenized off the event loop (a 1M-character prompt takes a few tenths of a second,
+        # which would stall every stream), in one thread: the tokenizer's line cache is not thread-safe.
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidar-tokenize")
 
-def create_app(engine: Engine, tokenizer, model_name: str, chat_template: str | None, metrics) -> FastAPI:
-    app = FastAPI(title="tidar-megatron serve")
-    vocab = engine.model.args.vocab_size
+    def count(self, path: str, status: int | str):
+        self.metrics.requests.labels(path if path in ENDPOINTS else "other", str(status)).inc()
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        metrics.requests.labels(request.url.path, "400").inc()
-        return _error(f"{param + ': ' if param else ''}{first.get('msg', 'invalid request')}", param)
+    # --- errors -----------------------------------------------------------------------------------------
+    async def on_api_error(self, request: Request, exc: ApiError):
+        self.count(request.url.path, exc.status)
+        return error_response(exc.status, exc.message, exc.param, exc.code)
 
-    @app.exception_handler(BadRequest)
-    async def bad_request(request: Request, exc: BadRequest):
-        metrics.requests.labels(request.url.path, "400").inc()
-        return _error(exc.message, exc.param)
+    async def on_http_error(self, request: Request, exc: HTTPException):
+        self.count(request.url.path, exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(exc.status_code, message)
 
-    def engine_request(prompt_ids: list[int], body: _Body, max_tokens: int | None, on_event) -> EngineRequest:
-        if not prompt_ids:
-            raise BadRequest("the prompt has no tokens", "prompt")
-        outside = [t for t in prompt_ids if not 0 <= t < vocab]
-        if outside:
-            raise BadRequest(f"token id {outside[0]} is outside the model's vocabulary ({vocab} ids)", "prompt")
-        limit = engine.max_model_len
-        if len(prompt_ids) >= limit:
-            raise BadRequest(f"this model's maximum context length is {limit} tokens; the prompt has "
-                             f"{len(prompt_ids)}", "prompt")
-        max_tokens = max_tokens or min(16, limit - len(prompt_ids))
-        if len(prompt_ids) + max_tokens > limit:
-            raise BadRequest(f"this model's maximum context length is {limit} tokens; the request has "
-                             f"{len(prompt_ids)} prompt tokens and asks for {max_tokens} more", "max_tokens")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return EngineRequest(prompt_ids, max_tokens, SamplingConfig(body.temperature, body.top_p), body.seed,
-                             stop, on_event)
+    async def on_crash(self, request: Request, exc: Exception):
+        self.count(request.url.path, 500)
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    def encode_prompt(prompt) -> list[int]:
+    async def authorize(self, request: Request):
+        """vLLM's --api-key: `Authorization: Bearer <key>` on /v1/*."""
+        if self.api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key")
+
+    # --- requests -----------------------------------------------------------------------------------------
+    async def prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
-                raise BadRequest("one prompt per request (n = 1)", "prompt")
+                raise ApiError(400, "one prompt per request (n = 1)", "prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            if tokenizer is None:
-                raise BadRequest("this model has no tokenizer: send token ids as the prompt", "prompt")
-            return tokenizer.encode(prompt)
+            if self.tokenizer is None:
+                raise ApiError(400, "this model has no tokenizer: send token ids as the prompt", "prompt")
+            return await asyncio.get_running_loop().run_in_executor(self.encoder, self.tokenizer.encode, prompt)
         return list(prompt)
 
-    async def run(endpoint: str, prompt_ids: list[int], body: _Body, max_tokens, render_chunk,
-                  render_final):
+    def engine_request(self, prompt_ids: list[int], body, max_tokens: int | None, on_event) -> EngineRequest:
+        if not prompt_ids:
+            raise ApiError(400, "the prompt has no tokens", "prompt")
+        limit = self.engine.max_model_len
+        if len(prompt_ids) >= limit:  # before the vocabulary scan: a long id list costs no more than this
+            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the prompt has "
+                           f"{len(prompt_ids)}", "prompt")
+        outside = [t for t in prompt_ids if not 0 <= t < self.vocab]
+        if outside:
+            raise ApiError(400, f"token id {outside[0]} is outside the model's vocabulary ({self.vocab} ids)",
+                           "prompt")
+        max_tokens = max_tokens or min(16, limit - len(prompt_ids))
+        if len(prompt_ids) + max_tokens > limit:
+            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the request has "
+                           f"{len(prompt_ids)} prompt tokens and asks for {max_tokens} more", "max_tokens")
+        return EngineRequest(prompt_ids, max_tokens, SamplingConfig(*body.safe_sampling()), body.seed,
+                             body.stop_strings, on_event)
+
+    async def completions(self, request: Request):
+        body = parse(CompletionBody, await read_body(request, self.limits), self.limits)
+        return await self.run("/v1/completions", await self.prompt_ids(body.prompt), body, body.max_tokens,
+                              completion_chunk, completion_final)
+
+    async def chat_completions(self, request: Request):
+        body = parse(ChatBody, await read_body(request, self.limits), self.limits)
+        if self.chat_template is None:
+            raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions, or export the "
+                           "checkpoint with --chat-template", "messages")
+        prompt = render_chat(self.chat_template, [m.model_dump() for m in body.messages], self.tokenizer)
+        return await self.run("/v1/chat/completions", await self.prompt_ids(prompt), body,
+                              body.max_completion_tokens or body.max_tokens, chat_chunk, chat_final)
+
+    async def run(self, endpoint: str, prompt_ids: list[int], body, max_tokens, render_chunk, render_final):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        request = engine_request(prompt_ids, body, max_tokens, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-        engine.submit(request)
+        request = self.engine_request(prompt_ids, body, max_tokens,
+                                      lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        self.engine.submit(request)
         created, rid = int(time.time()), f"{'chatcmpl' if 'chat' in endpoint else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        if not body.stream:
-            text, event = "", None
-            try:
-                while event is None or event.finish_reason is None:
-                    event = await events.get()
-                    text += event.text
-                if event.finish_reason == "error":
-                    metrics.requests.labels(endpoint, "500").inc()
-                    return _error(f"generation failed: {event.usage['error']}", status=500)
-            except asyncio.CancelledError:
-                engine.cancel(request.id)
-                raise
-            metrics.requests.labels(endpoint, "200").inc()
-            return JSONResponse(render_final(rid, created, text, event))
+        if body.stream:
+            return StreamingResponse(self.stream(endpoint, request, events, rid, created, render_chunk),
+                                     media_type="text/event-stream")
+        text, event = "", None
+        try:
+            while event is None or event.finish_reason is None:
+                event = await events.get()
+                text += event.text
+        except asyncio.CancelledError:
+            self.engine.cancel(request.id)
+            raise
+        if event.finish_reason == "error":
+            raise ApiError(500, f"generation failed: {event.usage['error']}")
+        self.count(endpoint, 200)
+        return JSONResponse(render_final(rid, created, self.model_name, text, event))
 
-        async def stream():
-            finished = False
-            try:
-                while not finished:
-                    event = await events.get()
-                    finished = event.finish_reason is not None
-                    yield f"data: {json.dumps(render_chunk(rid, created, event))}\n\n"
-                yield "data: [DONE]\n\n"
-                metrics.requests.labels(endpoint, "200").inc()
-            finally:
-                if not finished:  # the client went away: free its row
-                    engine.cancel(request.id)
-                    metrics.requests.labels(endpoint, "disconnected").inc()
+    async def stream(self, endpoint: str, request: EngineRequest, events: asyncio.Queue, rid: str, created: int,
+                     render_chunk):
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = event.finish_reason is not None
+                if event.finish_reason == "error":  # as vLLM: an error object in the stream, then [DONE]
+                    error = error_body(500, f"generation failed: {event.usage['error']}")
+                    self.count(endpoint, 500)
+                    yield f"data: {json.dumps(error)}\n\n"
+                    break
+                yield f"data: {json.dumps(render_chunk(rid, created, self.model_name, event))}\n\n"
+            else:
+                self.count(endpoint, 200)
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:  # the client went away: free its row
+                self.engine.cancel(request.id)
+                self.count(endpoint, "disconnected")
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
-        def chunk(rid, created, event):
-            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": event.text, "logprobs": None,
-                                 "finish_reason": event.finish_reason}],
-                    **({"usage": event.usage} if event.finish_reason else {})}
-
-        def final(rid, created, text, event):
-            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": event.finish_reason}],
-                    "usage": event.usage}
-
-        return await run("/v1/completions", encode_prompt(body.prompt), body, body.max_tokens, chunk, final)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatBody):
-        if chat_template is None:
-            raise BadRequest("this model's tokenizer has no chat template: use /v1/completions, or export the "
-                             "checkpoint with --chat-template", "messages")
-        prompt = render_chat(chat_template, [m.model_dump() for m in body.messages], tokenizer)
-
-        def chunk(rid, created, event):
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": event.text},
-                                 "finish_reason": event.finish_reason}],
-                    **({"usage": event.usage} if event.finish_reason else {})}
-
-        def final(rid, created, text, event):
-            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": event.finish_reason}], "usage": event.usage}
-
-        return await run("/v1/chat/completions", encode_prompt(prompt), body,
-                         body.max_completion_tokens or body.max_tokens, chunk, final)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+    # --- the rest ---------------------------------------------------------------------------------------
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
                                             "owned_by": "tidar-megatron"}]}
 
-    @app.get("/health")
-    async def health():
+    async def health(self):
+        engine = self.engine
         return {"status": "ok", "mode": engine.mode, "block_size": engine.block, "batch_occupancy": engine.occupancy,
                 "max_batch": engine.max_batch, "queue_length": len(engine.waiting)}
 
-    @app.get("/metrics")
-    async def prometheus():
-        metrics.observe_engine(engine)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    async def prometheus(self):
+        self.metrics.observe_engine(self.engine)
+        return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
+
+def create_app(engine: Engine, tokenizer, model_name: str, chat_template: str | None, metrics,
+               limits: ServeLimits = ServeLimits(), api_key: str | None = None) -> FastAPI:
+    api = Api(engine, tokenizer, model_name, chat_template, metrics, limits, api_key)
+    app = FastAPI(title="tidar-megatron serve")
+    app.state.limits = limits
+    app.add_exception_handler(ApiError, api.on_api_error)
+    app.add_exception_handler(HTTPException, api.on_http_error)
+    app.add_exception_handler(Exception, api.on_crash)
+    keyed = [Depends(api.authorize)]
+    app.add_api_route("/v1/completions", api.completions, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"], dependencies=keyed)
+    app.add_api_route("/v1/models", api.models, methods=["GET"], dependencies=keyed)
+    app.add_api_route("/health", api.health, methods=["GET"])
+    app.add_api_route("/metrics", api.prometheus, methods=["GET"])
     return app
 
 
 def render_chat(template: str, messages: list[dict], tokenizer) -> str:
     """The chat template applied as transformers applies it (a sandboxed Jinja environment)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
-        raise BadRequest(f"chat template: {message}", "messages")
-
-    from jinja2 import TemplateError
+        raise ApiError(400, f"chat template: {message}", "messages")
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
@@ -217,4 +235,4 @@ def render_chat(template: str, messages: list[dict], tokenizer) -> str:
     try:
         return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special)
     except TemplateError as e:
-        raise BadRequest(f"chat template: {e}", "messages") from None
+        raise ApiError(400, f"chat template: {e}", "messages") from None

@@ -10,6 +10,8 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 class Metrics:
     def __init__(self, block_size: int):
         self.registry = r = CollectorRegistry()
+        # status: the HTTP status ("500" also for a stream that failed after its 200 header), or
+        # "disconnected" for a stream whose client left; endpoint "other" for paths the API does not serve.
         self.requests = Counter("tidar_requests", "requests by endpoint and outcome", ["endpoint", "status"],
                                 registry=r)
         self.prompt_tokens = Counter("tidar_prompt_tokens", "prompt tokens of finished requests", registry=r)

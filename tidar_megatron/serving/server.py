@@ -2,6 +2,8 @@
 
     tidar-megatron serve --model <exported dir> [--host 127.0.0.1] [--port 8000] [--mode tidar|ar]
         [--block-size N] [--beta B] [--max-batch N] [--max-model-len N] [--device ...] [--dtype ...]
+        [--api-key KEY] [--max-body-bytes N] [--max-prompt-chars N] [--max-stop-strings N] [--max-stop-chars N]
+        [--header-timeout S] [--body-timeout S] [--keep-alive-timeout S] [--max-connections N]
 
 Use it to serve TiDAR decoding (several tokens per forward pass).  For plain AR serving of the same
 directory a general engine is the better choice (vLLM, SGLang: it loads as a Qwen / Llama model).
@@ -10,6 +12,7 @@ directory a general engine is the better choice (vLLM, SGLang: it loads as a Qwe
 from __future__ import annotations
 
 import argparse
+import os
 import threading
 import time
 from pathlib import Path
@@ -20,22 +23,23 @@ import fastapi  # noqa: F401
 import torch
 import uvicorn
 
+from tidar_megatron.compat.http_guard import guarded_h11
 from tidar_megatron.console import entry_point
 from tidar_megatron.errors import TiDARError
-from tidar_megatron.inference.generate import DTYPES, resolve_dtype
-
+from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.inference.generate import DTYPES, load_tokenizer, resolve_dtype
+from tidar_megatron.net import free_port
+from tidar_megatron.serving.app import create_app
+from tidar_megatron.serving.engine import Engine
+from tidar_megatron.serving.metrics import Metrics
+from tidar_megatron.serving.protocol import ServeLimits
 
 
 def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: float = 1.0, max_batch: int = 8,
           max_model_len: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-          served_name: str | None = None):
-    """(FastAPI app, engine) for an exported directory; start the engine before serving."""
-    from tidar_megatron.inference.decoding import Decoder
-    from tidar_megatron.inference.generate import load_tokenizer
-    from tidar_megatron.serving.app import create_app
-    from tidar_megatron.serving.engine import Engine
-    from tidar_megatron.serving.metrics import Metrics
-
+          served_name: str | None = None, limits: ServeLimits = ServeLimits(), api_key: str | None = None):
+    """(FastAPI app, engine) for an exported directory; start the engine before serving (the app's
+    `state.limits` also bound connections: serve it with `uvicorn_config`)."""
     model_dir = Path(model_dir)
     if mode not in ("tidar", "ar"):
         raise TiDARError(f"--mode must be tidar or ar, got {mode!r}")
@@ -53,20 +57,25 @@ def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: f
         tokenizer = None  # token-id prompts only
     engine = Engine(decoder, tokenizer, mode, max_batch, max_model_len)
     engine.metrics = metrics = Metrics(engine.block)
-    app = create_app(engine, tokenizer, served_name or model_dir.name, hf.chat_template, metrics)
+    app = create_app(engine, tokenizer, served_name or model_dir.name, hf.chat_template, metrics, limits, api_key)
     return app, engine
+
+
+def uvicorn_config(app, host: str, port: int, log_level: str) -> uvicorn.Config:
+    """uvicorn with the app's connection limits: header and keep-alive timeouts, a connection cap."""
+    limits: ServeLimits = app.state.limits
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=limits.keep_alive_s,
+                          limit_concurrency=limits.max_connections,
+                          http=guarded_h11(limits.header_timeout_s, limits.max_connections))
 
 
 class BackgroundServer:
     """uvicorn serving `app` on host:port from a thread, with the engine started and stopped with it."""
 
     def __init__(self, app, engine, host: str = "127.0.0.1", port: int = 0):
-
-        from tidar_megatron.net import free_port
-
         self.port = port or free_port()
         self.engine = engine
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, host, self.port, "warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://{host}:{self.port}"
 
@@ -101,7 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model name the API reports (default: the directory's name)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--api-key", default=os.environ.get("TIDAR_API_KEY"),
+                   help="require `Authorization: Bearer <key>` on /v1/* (default: $TIDAR_API_KEY; none: open)")
+    d = ServeLimits()
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger request bodies get 413")
+    p.add_argument("--max-prompt-chars", type=int, default=d.max_prompt_chars,
+                   help="characters of a prompt (or of a chat's messages); more get 400")
+    p.add_argument("--max-stop-strings", type=int, default=d.max_stop_strings, help="stop strings per request")
+    p.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, help="characters per stop string")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help="seconds a connection has to finish its request headers before it is closed")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help="seconds a request has to send its body after its headers (408 otherwise)")
+    p.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_s,
+                   help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open connections; beyond it new ones are closed and extra requests get 503")
     return p
+
+
+def limits_from(a: argparse.Namespace) -> ServeLimits:
+    return ServeLimits(max_body_bytes=a.max_body_bytes, max_prompt_chars=a.max_prompt_chars,
+                       max_stop_strings=a.max_stop_strings, max_stop_chars=a.max_stop_chars,
+                       header_timeout_s=a.header_timeout, body_timeout_s=a.body_timeout,
+                       keep_alive_s=a.keep_alive_timeout, max_connections=a.max_connections)
 
 
 @entry_point("tidar-megatron serve")
@@ -110,12 +142,12 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     dtype = resolve_dtype(a.dtype, a.device)
     app, engine = build(a.model, a.mode, a.block_size, a.beta, a.max_batch, a.max_model_len, a.device, dtype,
-                        a.served_model_name)
+                        a.served_model_name, limits_from(a), a.api_key or None)
     engine.start()
     print(f"serving {a.model} ({a.mode}, block {engine.block}, {a.max_batch} rows of {engine.max_model_len} "
           f"tokens) on http://{a.host}:{a.port}/v1", flush=True)
     try:
-        uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+        uvicorn.Server(uvicorn_config(app, a.host, a.port, "info")).run()
     finally:
         engine.stop()
     return 0

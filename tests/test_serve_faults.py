@@ -1,0 +1,289 @@
+"""Faults stay local, on loopback against the real `openai` client and raw sockets: out-of-range parameters
+and text that is not Unicode get 400s naming the parameter; oversized bodies get 413 before they are read;
+connections that never finish their headers are closed and the server keeps accepting; the framework's
+errors are OpenAI's error object and 500s are `server_error` (streams that fail count as errors in
+/metrics); `--api-key` guards /v1/*; and one bad request among running streams leaves them unharmed."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from test_serve import PROMPTS, client, model_dir, reference  # noqa: E402,F401  (model_dir: this module's model)
+
+from tidar_megatron.serving.protocol import ServeLimits  # noqa: E402
+from tidar_megatron.serving.server import BackgroundServer, build  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+LIMITS = ServeLimits(max_body_bytes=64 * 1024, max_prompt_chars=2000, max_stop_strings=4, max_stop_chars=16,
+                     header_timeout_s=1.0, body_timeout_s=1.0, keep_alive_s=5.0, max_connections=24)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):  # noqa: F811
+    app, engine = build(model_dir, mode="tidar", max_batch=3, max_model_len=96, limits=LIMITS)
+    with BackgroundServer(app, engine) as running:
+        yield running
+
+
+def post(server, body: bytes | dict, path="/v1/completions", **kw):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"},
+                      timeout=60, **kw)
+
+
+def assert_openai_error(response, status: int, param: str | None = None, kind="invalid_request_error"):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] == kind and error["message"], error
+    if param is not None:
+        assert error["param"] is not None and error["param"].startswith(param), error
+
+
+def counts(server) -> dict:
+    families = text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+    return {(s.labels["endpoint"], s.labels["status"]): s.value for f in families for s in f.samples
+            if s.name == "tidar_requests_total"}
+
+
+@pytest.mark.parametrize("param,value", [
+    ("temperature", -0.1), ("temperature", 2.5), ("top_p", 0.0), ("top_p", 1.5), ("max_tokens", 0), ("n", 2),
+    ("seed", 2**64), ("seed", -2**63 - 1), ("best_of", 2), ("logprobs", 1), ("echo", True), ("suffix", "}"),
+    ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("logit_bias", {"5": 10}),
+])
+def test_out_of_range_or_unsupported_parameters_get_400_naming_them(server, param, value):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client(server).completions.create(model="m", prompt="x = ", **{"max_tokens": 3, param: value})
+    assert raised.value.body["param"] == param and raised.value.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, -2**63])
+def test_seeds_at_the_ends_of_the_64_bit_range_are_served(server, seed):
+    got = client(server).completions.create(model="m", prompt="x = ", max_tokens=3, temperature=1, seed=seed)
+    assert got.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "def \ud800(a):", "max_tokens": 3}, "prompt"),
+    ("/v1/completions", {"prompt": ["\udfff"], "max_tokens": 3}, "prompt"),
+    ("/v1/completions", {"prompt": "x = ", "max_tokens": 3, "stop": ["\ud800"]}, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi \ud800"}], "max_tokens": 3}, "messages"),
+])
+def test_lone_surrogates_get_400_and_count_in_metrics(server, path, body, param):
+    before = counts(server).get((path, "400"), 0)
+    raw = json.dumps(body).encode()  # ensure_ascii: the lone surrogate travels as the escape "\ud800"
+    assert b"\\ud" in raw
+    assert_openai_error(post(server, raw, path), 400, param)
+    assert counts(server)[(path, "400")] == before + 1
+
+
+def raw_request(server, head: bytes, body_parts=(), read_timeout=10.0) -> bytes:
+    """Send a request's head and then body parts on a raw socket (stopping if the server closes), and
+    return everything the server answers until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=read_timeout) as sock:
+        sock.sendall(head)
+        try:
+            for part in body_parts:
+                sock.sendall(part)
+        except OSError:
+            pass  # the server answered and closed before the body was sent: what this tests
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer
+
+
+def status_and_json(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        body = body.split(b"\r\n", 1)[1].rsplit(b"\r\n0\r\n", 1)[0]
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_100_mb_body_is_refused_with_413_before_it_is_read(server):
+    """The server answers from the declared length alone (the body is never sent; a byte sent after the
+    server closed would reset the connection); /health answers meanwhile."""
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\n\r\n")
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(answer=raw_request(server, head)))  # no body byte
+    thread.start()
+    assert httpx.get(server.url + "/health", timeout=5).json()["status"] == "ok"
+    thread.join(timeout=30)
+    status, body = status_and_json(result["answer"])
+    assert status == 413 and body["error"]["type"] == "invalid_request_error"
+    assert "max-body-bytes" in body["error"]["message"]
+
+
+def test_a_chunked_body_is_refused_with_413_once_it_passes_the_limit(server):
+    """No Content-Length: the limit is enforced while the body streams in."""
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+    piece = b'{"prompt": "' + b"a" * 16000
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    # 80 kB, past the 64 KiB limit (more, unread when the server closes, would make its kernel reset the
+    # connection and drop the answer before this client reads it).
+    status, body = status_and_json(raw_request(server, head, [chunk] * 5))
+    assert status == 413 and "max-body-bytes" in body["error"]["message"]
+    assert client(server).completions.create(model="m", prompt="x = ", max_tokens=3).choices[0].text is not None
+
+
+def test_a_body_that_never_finishes_arriving_gets_408(server):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n")
+    started = time.monotonic()
+    status, body = status_and_json(raw_request(server, head, [b'{"prompt": "x'], read_timeout=10))
+    assert status == 408 and "--body-timeout" in body["error"]["message"]
+    assert time.monotonic() - started < 8
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "def " * 600, "max_tokens": 3}, "prompt"),                                     # 2,400 chars
+    ({"messages": [{"role": "user", "content": "x" * 1500}] * 2, "max_tokens": 3}, "messages"),
+    ({"prompt": "x = ", "max_tokens": 3, "stop": ["a", "b", "c", "d", "e"]}, "stop"),           # 5 stop strings
+    ({"prompt": "x = ", "max_tokens": 3, "stop": "s" * 17}, "stop"),                            # 17 characters
+])
+def test_limits_on_prompts_and_stop_strings_get_400(server, body, param):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    response = post(server, body, path)
+    assert_openai_error(response, 400, param)
+    assert "--max-" in response.json()["error"]["message"]  # the limit, not some other check, refused it
+
+
+def test_connections_that_never_finish_their_headers_are_closed_and_the_server_keeps_accepting(server):
+    """More half-open connections than the connection limit (24): the extra ones are closed at once, the
+    rest after the header timeout (1 s); then requests are served as before."""
+    socks = []
+    for _ in range(40):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: appl")  # and nothing more
+        socks.append(sock)
+    started = time.monotonic()
+    for sock in socks:
+        try:
+            assert sock.recv(1024) == b""  # closed by the server (within the socket's 10 s timeout)
+        except ConnectionResetError:
+            pass
+        sock.close()
+    assert time.monotonic() - started < 8
+    got = client(server).completions.create(model="m", prompt="x = ", max_tokens=3, temperature=0)
+    assert got.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("method,path,body,status", [
+    ("GET", "/v1/nowhere", None, 404),
+    ("POST", "/v2/completions", b"{}", 404),
+    ("GET", "/v1/completions", None, 405),
+    ("POST", "/v1/completions", b'{"prompt": "caf\xe9", "max_tokens": 3}', 400),           # not UTF-8
+    ("POST", "/v1/completions", b'{"prompt": ' + b"[" * 20000 + b"]" * 20000 + b"}", 400),  # nested too deeply
+    ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": ', 400),                    # malformed
+    ("POST", "/v1/completions", b'["x"]', 400),                                               # not an object
+])
+def test_framework_errors_are_openai_error_objects(server, method, path, body, status):
+    response = httpx.request(method, server.url + path, content=body, timeout=30,
+                             headers={"content-type": "application/json"})
+    assert_openai_error(response, status)
+
+
+def test_failures_are_server_errors_and_failed_streams_count_as_errors(server):
+    engine = server.engine
+    before = counts(server)
+    real = engine.model.forward
+    engine.model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory (simulated)"))
+    try:
+        failed = post(server, {"prompt": "x", "max_tokens": 4})
+        assert_openai_error(failed, 500, kind="server_error")
+        with pytest.raises(openai.APIError, match="out of memory"):
+            for _ in client(server).completions.create(model="m", prompt="x", max_tokens=4, stream=True):
+                pass
+    finally:
+        engine.model.forward = real
+    after = counts(server)
+    assert after[("/v1/completions", "500")] == before.get(("/v1/completions", "500"), 0) + 2
+    assert after.get(("/v1/completions", "200"), 0) == before.get(("/v1/completions", "200"), 0)
+
+
+def test_an_unexpected_exception_is_a_500_server_error_in_openai_format(server, monkeypatch):
+    before = counts(server).get(("/v1/chat/completions", "500"), 0)
+    monkeypatch.setattr(server.engine, "submit", lambda request: (_ for _ in ()).throw(RuntimeError("a bug")))
+    response = post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                    "/v1/chat/completions")
+    assert_openai_error(response, 500, kind="server_error")
+    assert "a bug" in response.json()["error"]["message"]
+    assert counts(server)[("/v1/chat/completions", "500")] == before + 1
+
+
+def test_api_key_guards_the_v1_routes(model_dir):  # noqa: F811
+    app, engine = build(model_dir, mode="ar", max_batch=1, max_model_len=96, api_key="sesame")
+    with BackgroundServer(app, engine) as keyed:
+        for headers in ({}, {"authorization": "Bearer open"}, {"authorization": "sesame"}):
+            response = httpx.post(keyed.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                                  headers=headers)
+            assert_openai_error(response, 401)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(keyed.url + "/v1/models").status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            client(keyed).models.list()
+        api = openai.OpenAI(base_url=keyed.url + "/v1", api_key="sesame", max_retries=0, timeout=60)
+        assert api.completions.create(model="m", prompt="x = ", max_tokens=2, temperature=0).choices[0].text
+        assert httpx.get(keyed.url + "/health").status_code == 200  # probes need no key
+
+
+BAD = [{"temperature": 1e-39}, {"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300},
+       {"temperature": 1.0, "seed": 2**64}]
+
+
+def test_a_bad_request_among_running_streams_fails_alone(server, model_dir):  # noqa: F811
+    """Two greedy streams run while the issue's bad requests arrive one by one: each bad request gets a 400
+    or an answer, and both streams finish as they would alone."""
+    engine = server.engine
+    real = engine.model.forward
+
+    def slow_forward(*a, **k):  # keeps the streams running while the bad requests arrive
+        time.sleep(0.08)
+        return real(*a, **k)
+
+    cases = [(PROMPTS[0], 80), (PROMPTS[2], 80)]
+    engine.model.forward = slow_forward
+    try:
+        streams = [client(server).completions.create(model="m", prompt=p, max_tokens=n, temperature=0,
+                                                     stream=True) for p, n in cases]
+        chunks = [[next(iter(s))] for s in streams]  # both are admitted and decoding
+        answers = [post(server, {"prompt": "x = ", "max_tokens": 4, **bad}) for bad in BAD]
+        still_running = engine.occupancy == 2
+        for stream, got in zip(streams, chunks):
+            got.extend(stream)
+    finally:
+        engine.model.forward = real
+    for (prompt, max_tokens), got in zip(cases, chunks):
+        assert got[-1].choices[0].finish_reason in ("length", "stop")
+        assert "".join(c.choices[0].text for c in got) == reference(model_dir, prompt, "tidar", max_tokens)
+    for bad, answer in zip(BAD, answers):
+        assert answer.status_code in (200, 400), (bad, answer.text)
+        if answer.status_code == 400:
+            assert answer.json()["error"]["param"] in bad, answer.text
+        else:
+            assert answer.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert still_running  # the bad requests met the streams in the engine
+
+
+def test_cli_flags_set_the_limits_and_the_key(monkeypatch):
+    from tidar_megatron.errors import TiDARError
+    from tidar_megatron.serving.server import build_parser, limits_from
+
+    monkeypatch.setenv("TIDAR_API_KEY", "from-env")
+    a = build_parser().parse_args(["--model", "m", "--max-body-bytes", "1000", "--max-stop-strings", "2",
+                                   "--header-timeout", "3", "--body-timeout", "4", "--max-connections", "7"])
+    assert a.api_key == "from-env" and a.host == "127.0.0.1"
+    assert limits_from(a) == ServeLimits(max_body_bytes=1000, max_stop_strings=2, header_timeout_s=3.0,
+                                         body_timeout_s=4.0, max_connections=7)
+    with pytest.raises(TiDARError, match="--max-body-bytes"):
+        limits_from(build_parser().parse_args(["--model", "m", "--max-body-bytes", "0"]))
