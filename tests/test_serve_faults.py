@@ -287,3 +287,27 @@ def test_cli_flags_set_the_limits_and_the_key(monkeypatch):
                                          body_timeout_s=4.0, max_connections=7)
     with pytest.raises(TiDARError, match="--max-body-bytes"):
         limits_from(build_parser().parse_args(["--model", "m", "--max-body-bytes", "0"]))
+
+
+def test_a_full_waiting_queue_answers_503_and_the_queued_request_is_still_served(model_dir):  # noqa: F811
+    """Back-pressure (--max-waiting 1): with the engine held back, one request waits for a row and the next
+    gets 503 at once; once the engine runs, the waiting one is served."""
+    app, engine = build(model_dir, mode="tidar", max_batch=1, max_model_len=96,
+                        limits=ServeLimits(max_waiting=1))
+    start, engine.start = engine.start, lambda: None  # the server comes up, the engine admits nothing yet
+    with BackgroundServer(app, engine) as running:
+        waiting = {}
+        thread = threading.Thread(target=lambda: waiting.update(answer=post(running, {
+            "prompt": PROMPTS[1], "max_tokens": 4})))
+        thread.start()
+        deadline = time.time() + 30
+        while httpx.get(running.url + "/health").json()["queue_length"] < 1:
+            assert time.time() < deadline and thread.is_alive()
+            time.sleep(0.01)
+        full = post(running, {"prompt": PROMPTS[2], "max_tokens": 4})
+        assert_openai_error(full, 503, kind="server_error")
+        assert "--max-waiting" in full.json()["error"]["message"]
+        start()
+        thread.join(timeout=60)
+        assert waiting["answer"].status_code == 200, waiting["answer"].text
+        assert waiting["answer"].json()["choices"][0]["text"] == reference(model_dir, PROMPTS[1], "tidar", 4)

@@ -23,7 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from starlette.exceptions import HTTPException
 
 from tidar_megatron.inference.sampling import SamplingConfig
-from tidar_megatron.serving.engine import Engine, Event
+from tidar_megatron.serving.engine import Engine, Event, QueueFull
 from tidar_megatron.serving.engine import Request as EngineRequest
 from tidar_megatron.serving.protocol import (ApiError, ChatBody, CompletionBody, ServeLimits, error_body, parse,
                                              read_body)
@@ -150,7 +150,10 @@ class Api:
         events: asyncio.Queue[Event] = asyncio.Queue()
         request = self.engine_request(prompt_ids, body, max_tokens,
                                       lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-        self.engine.submit(request)
+        try:
+            self.engine.submit(request)
+        except QueueFull as e:  # back-pressure: the client retries later (vLLM answers 503 too)
+            raise ApiError(503, str(e)) from None
         created, rid = int(time.time()), f"{'chatcmpl' if 'chat' in endpoint else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
             return StreamingResponse(self.stream(endpoint, request, events, rid, created, render_chunk),

@@ -38,12 +38,14 @@ class ServeLimits:
     body_timeout_s: float = 30.0       # ... and then its body within this (408 otherwise)
     keep_alive_s: float = 5.0          # an idle keep-alive connection is closed after this
     max_connections: int = 1024        # open connections; more are closed at once (503 for extra requests)
+    max_waiting: int = 1024            # requests queued for a KV-cache row; more get 503 (back-pressure)
 
     def __post_init__(self):
-        counts = (self.max_body_bytes, self.max_prompt_chars, self.max_connections)
+        counts = (self.max_body_bytes, self.max_prompt_chars, self.max_connections, self.max_waiting)
         if min(counts) < 1 or min(self.header_timeout_s, self.body_timeout_s, self.keep_alive_s) <= 0 \
                 or min(self.max_stop_strings, self.max_stop_chars) < 0:
-            raise TiDARError(f"serve limits: --max-body-bytes, --max-prompt-chars and --max-connections must be >= 1, "
+            raise TiDARError(f"serve limits: --max-body-bytes, --max-prompt-chars, --max-connections and "
+                             f"--max-waiting must be >= 1, "
                              f"the timeouts > 0, --max-stop-strings / --max-stop-chars >= 0; got {self}")
 
 

@@ -55,7 +55,7 @@ def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: f
         tokenizer = load_tokenizer(model_dir)
     except TiDARError:
         tokenizer = None  # token-id prompts only
-    engine = Engine(decoder, tokenizer, mode, max_batch, max_model_len)
+    engine = Engine(decoder, tokenizer, mode, max_batch, max_model_len, max_waiting=limits.max_waiting)
     engine.metrics = metrics = Metrics(engine.block)
     app = create_app(engine, tokenizer, served_name or model_dir.name, hf.chat_template, metrics, limits, api_key)
     return app, engine
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an idle keep-alive connection stays open")
     p.add_argument("--max-connections", type=int, default=d.max_connections,
                    help="open connections; beyond it new ones are closed and extra requests get 503")
+    p.add_argument("--max-waiting", type=int, default=d.max_waiting,
+                   help="requests waiting for a free row (--max-batch); beyond it requests get 503")
     return p
 
 
@@ -133,7 +135,8 @@ def limits_from(a: argparse.Namespace) -> ServeLimits:
     return ServeLimits(max_body_bytes=a.max_body_bytes, max_prompt_chars=a.max_prompt_chars,
                        max_stop_strings=a.max_stop_strings, max_stop_chars=a.max_stop_chars,
                        header_timeout_s=a.header_timeout, body_timeout_s=a.body_timeout,
-                       keep_alive_s=a.keep_alive_timeout, max_connections=a.max_connections)
+                       keep_alive_s=a.keep_alive_timeout, max_connections=a.max_connections,
+                       max_waiting=a.max_waiting)
 
 
 @entry_point("tidar-megatron serve")
