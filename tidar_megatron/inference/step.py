@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from tidar_megatron.errors import TiDARError
-from tidar_megatron.inference.sampling import RowSampling, one_hot_distributions, select, uniforms, verify_drafts
+from tidar_megatron.inference.sampling import RowSampling, select, uniforms, verify_drafts
 
 
 class ContextError(TiDARError, ValueError):
@@ -93,15 +93,13 @@ def tidar_step(logits, pending, draft_probs, groups, beta: float, sampling: RowS
     """One TiDAR pass for every sequence: verify the pending drafts and pick the next block.
 
     logits [b, width, V]: the pass's rows from the pending block on; pending [b, B]; draft_probs [b, B-1, V]
-    or None (rows without distributions are greedy); groups [B, B]: the rows of mask block a - 1 (acceptance
+    or None (every row greedy; a greedy row among sampled ones has one-hot distributions); groups [B, B]: the rows of mask block a - 1 (acceptance
     length a) relative to the pending block (`full_block_rows` of `TiDARLayout.for_decoding(0, B)`).  Row i
     of the pending block predicts position m + i + 1, as does slot 0 of group i + 1.  The next pending block
     is the token after the a kept ones, then the drafts of the group that saw exactly those.
     """
     block = pending.shape[1]
     u = _uniforms(sampling, counters, block)
-    if draft_probs is None and not sampling.all_greedy:
-        draft_probs = one_hot_distributions(pending[:, 1:], logits.shape[-1])
     target_logits = mixed_logits(logits[:, :block], logits[:, groups[:, 0]], beta)
     accepted, token = verify_drafts(target_logits, pending[:, 1:], draft_probs, sampling,
                                     _part(u, slice(0, block - 1)), _part(u, block - 1))

@@ -6,8 +6,10 @@ request waits until a row is free, is prefilled into it alone (the prompt, and f
 sequences: one forward over their rows, each with its own layout (`TiDARLayout.for_decoding` at its own
 prefix length) and mask.  A sequence that finishes, or whose client goes away, frees its row before the
 next pass.  Everything a sequence's tokens depend on is its own: its cache row, its prefix, its pending
-block, its sampler (seeded per request, drawn from in the order `Decoder` draws at batch 1), so its output
-is what it would be decoded alone (under greedy decoding, token for token).
+block, its settings and random key (from the request's seed; pass k draws what `Decoder` draws at pass k for
+that seed), so its output is what it would be decoded alone (token for token, sampled ones too, up to the
+float rounding of a batched forward).  A pass calls the decoding core (inference/step.py) once for all of
+them and reads its results back with one host transfer.
 
 The engine runs in one background thread (`start`); `submit` and `cancel` may be called from any thread,
 and a request's `on_event` is called from the engine thread after every pass that makes tokens final.
@@ -16,6 +18,7 @@ and a request's `on_event` is called from the engine thread after every pass tha
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 import time
 from collections import deque
@@ -24,8 +27,9 @@ from typing import Callable
 
 import torch
 
-from tidar_megatron.inference.decoding import Decoder, clip_at_stop, first_token_and_drafts, verify_and_redraft
-from tidar_megatron.inference.sampling import SamplingConfig, select
+from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.inference.sampling import RowSampling, SamplingConfig, one_hot_distributions, stream_key
+from tidar_megatron.inference.step import ar_step, clip_at_stop, new_tokens, prefill_select, tidar_step
 from tidar_megatron.layout import TiDARLayout
 
 
@@ -57,7 +61,7 @@ class _Sequence:
     prefix: int                               # cache slots [0, prefix) hold the verified tokens
     pending: list[int]                        # TiDAR: the pending block; AR: the last token
     draft_probs: torch.Tensor | None          # TiDAR sampling: the drafts' distributions [B - 1, V]
-    generator: torch.Generator | None
+    key: int                                  # the sequence's random key (sampling.stream_key of its seed)
     generated: list[int] = field(default_factory=list)
     text: str = ""
     passes: int = 1                           # the prefill counts
@@ -170,6 +174,8 @@ class Engine:
             self.metrics.observe_engine(self)
 
     def _prefill(self, request: Request, row: int):
+        """Prefills one request into cache row `row` and emits its first token: one forward, one call of the
+        decoding core, one host transfer."""
         prompt, n = request.prompt_ids, len(request.prompt_ids)
         if self.mode == "tidar":
             layout = TiDARLayout.for_prefill(n, self.block)
@@ -177,22 +183,24 @@ class Engine:
         else:
             layout, tokens = TiDARLayout.causal(n), prompt
         logits = self._forward([row], [tokens], [layout], [0])
-        generator = None
-        if not request.sampling.greedy:  # each sequence has its own sampler: seeded, or from entropy
-            generator = torch.Generator(self.device)
-            generator.manual_seed(request.seed) if request.seed is not None else generator.seed()
+        # Each sequence draws from its own stream: its seed's, or one from entropy.
+        key = stream_key(request.seed if request.seed is not None else secrets.randbits(64))
+        sampling = RowSampling.of([request.sampling], [key], self.device)
+        counters = torch.zeros(1, dtype=torch.long, device=self.device)
         if self.mode == "tidar":
             first_block = logits[:, layout.full_block_rows[0].to(self.device)]
-            pending, probs = first_token_and_drafts(logits[:, n - 1], first_block, self.beta, request.sampling,
-                                                    generator)
-            probs = None if probs is None else probs[0]
+            result = prefill_select(logits[:, n - 1], first_block, self.beta, sampling, counters)
         else:
-            pending, probs = select(logits[:, n - 1], request.sampling, generator)[0][:, None], None
-        seq = _Sequence(request, row, n, pending[0].tolist(), probs, generator)
+            result = ar_step(logits[:, n - 1], sampling, counters)
+        _, new, pending = new_tokens(None, result.packed.tolist()[0])
+        probs = None if result.draft_probs is None else result.draft_probs[0]
+        seq = _Sequence(request, row, n, pending, probs, key)
         self.active[request.id] = seq
-        self._emit(seq, seq.pending[:1])
+        self._emit(seq, new)
 
     def _decode(self, seqs: list[_Sequence]):
+        """One pass for every active sequence, greedy and sampled alike: one forward, one call of the
+        decoding core with each sequence's settings, key and pass number as a row, one host transfer."""
         seqs = sorted(seqs, key=lambda s: s.row)  # rows 0..n-1 in order need no gather from the cache
         if self.mode == "tidar":
             layouts = [TiDARLayout.for_decoding(s.prefix, self.block) for s in seqs]
@@ -201,30 +209,25 @@ class Engine:
             layouts = [TiDARLayout.causal(s.prefix + 1) for s in seqs]
             tokens = [s.pending for s in seqs]
         logits = self._forward([s.row for s in seqs], tokens, layouts, [s.prefix for s in seqs])
-        # Greedy sequences share one call (no sampler to keep apart); each sampled one draws from its own.
-        greedy = [i for i, s in enumerate(seqs) if s.generator is None]
-        groups = ([greedy] if greedy else []) + [[i] for i, s in enumerate(seqs) if s.generator is not None]
-        for group in groups:
-            first = seqs[group[0]]
-            sampling, generator = first.request.sampling, first.generator
-            if self.mode == "ar":
-                token, _ = select(logits[group, 0], sampling, generator)
-                for seq, t in zip((seqs[i] for i in group), token.tolist()):
-                    seq.passes, seq.prefix, seq.pending = seq.passes + 1, seq.prefix + 1, [t]
-                    self._emit(seq, [t])
-                continue
-            pending = torch.tensor([seqs[i].pending for i in group], device=self.device)
-            probs = None if first.draft_probs is None else first.draft_probs[None]
-            accepted, next_pending, draft_probs = verify_and_redraft(logits[group], pending, probs, self.groups,
-                                                                     self.beta, sampling, generator)
-            for k, (a, nxt) in enumerate(zip(accepted.tolist(), next_pending.tolist())):
-                seq = seqs[group[k]]
-                new = seq.pending[1:a] + nxt[:1]
-                if self.metrics is not None:
-                    self.metrics.accepted(a)
-                seq.passes, seq.prefix, seq.pending = seq.passes + 1, seq.prefix + a, nxt
-                seq.draft_probs = None if draft_probs is None else draft_probs[k]
-                self._emit(seq, new)
+        sampling = RowSampling.of([s.request.sampling for s in seqs], [s.key for s in seqs], self.device)
+        counters = torch.tensor([s.passes for s in seqs], device=self.device)
+        if self.mode == "tidar":
+            pending = torch.tensor([s.pending for s in seqs], device=self.device)
+            probs = None
+            if not sampling.all_greedy:  # greedy sequences' drafts are certain: one-hot distributions
+                vocab = logits.shape[-1]
+                probs = torch.stack([s.draft_probs if s.draft_probs is not None
+                                     else one_hot_distributions(pending[i, 1:], vocab) for i, s in enumerate(seqs)])
+            result = tidar_step(logits, pending, probs, self.groups, self.beta, sampling, counters)
+        else:
+            result = ar_step(logits[:, 0], sampling, counters)
+        for i, (seq, row) in enumerate(zip(seqs, result.packed.tolist())):
+            accepted, new, pending = new_tokens(seq.pending, row)
+            if self.metrics is not None and self.mode == "tidar":
+                self.metrics.accepted(accepted)
+            seq.passes, seq.prefix, seq.pending = seq.passes + 1, seq.prefix + accepted, pending
+            seq.draft_probs = None if result.draft_probs is None else result.draft_probs[i]
+            self._emit(seq, new)
 
     def _forward(self, rows: list[int], tokens: list[list[int]], layouts: list[TiDARLayout], first: list[int]):
         """One forward over the given cache rows: logits [n, width, V] of each sequence's rows."""
