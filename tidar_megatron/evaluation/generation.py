@@ -24,6 +24,7 @@ from tidar_megatron.evaluation import repetition
 from tidar_megatron.evaluation.sandbox import run_tests
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.generate import check_prompt_ids
+from tidar_megatron.inference.step import check_context
 
 
 class PromptError(TiDARError, ValueError):
@@ -89,6 +90,8 @@ def compare(decoder: Decoder, prompts: list[Prompt], tokenizer, max_new_tokens: 
     """The report described in the module docstring: {"ar": {...}, "tidar": {B: {...}}, "samples": [...]}."""
     check_prompt_ids([p.ids for p in prompts], decoder.model.args.vocab_size,
                      [f"prompt {i + 1}" for i in range(len(prompts))])
+    for i, prompt in enumerate(prompts):  # every prompt before the first is decoded
+        check_context(len(prompt.ids), max_new_tokens, decoder.max_positions, f"prompt {i + 1}: ", "--max-new-tokens")
     ar = _Totals()
     tidar = {b: _Totals() for b in block_sizes}
     samples = []

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tidar_megatron.inference.sampling import SamplingConfig
+from tidar_megatron.inference.step import ContextError, check_context
 from tidar_megatron.serving.engine import Engine, Event
 from tidar_megatron.serving.engine import Request as EngineRequest
 
@@ -85,14 +86,11 @@ def create_app(engine: Engine, tokenizer, model_name: str, chat_template: str | 
         outside = [t for t in prompt_ids if not 0 <= t < vocab]
         if outside:
             raise BadRequest(f"token id {outside[0]} is outside the model's vocabulary ({vocab} ids)", "prompt")
-        limit = engine.max_model_len
-        if len(prompt_ids) >= limit:
-            raise BadRequest(f"this model's maximum context length is {limit} tokens; the prompt has "
-                             f"{len(prompt_ids)}", "prompt")
-        max_tokens = max_tokens or min(16, limit - len(prompt_ids))
-        if len(prompt_ids) + max_tokens > limit:
-            raise BadRequest(f"this model's maximum context length is {limit} tokens; the request has "
-                             f"{len(prompt_ids)} prompt tokens and asks for {max_tokens} more", "max_tokens")
+        max_tokens = max_tokens or max(1, min(16, engine.max_model_len - len(prompt_ids)))
+        try:
+            check_context(len(prompt_ids), max_tokens, engine.max_model_len, "", "max_tokens")
+        except ContextError as e:
+            raise BadRequest(str(e), e.param.replace("max_new_tokens", "max_tokens")) from None
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return EngineRequest(prompt_ids, max_tokens, SamplingConfig(body.temperature, body.top_p), body.seed,
                              stop, on_event)
