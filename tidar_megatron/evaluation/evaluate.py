@@ -29,7 +29,6 @@ from tidar_megatron.errors import TiDARError
 from tidar_megatron.evaluation import generation, likelihood, repetition
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.generate import DTYPES, check_exported, load_tokenizer, resolve_dtype
-from tidar_megatron.inference.step import check_context
 from tidar_megatron.plots import PlotsUnavailable, draw_acceptance
 
 
@@ -39,7 +38,7 @@ def evaluate(model_dir, output, data: str | None = None, seq_length: int | None 
              device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8,
              progress: bool = True) -> dict:
     """Run the requested evaluations; returns the results dict (also written to `output`).  `seq_length`:
-    default the model's context, at most 1024; longer than the context is refused (inference/step.py)."""
+    default the model's context, at most 1024; a longer one is clamped to the context, and said."""
     if data is None and prompts is None:
         raise TiDARError("nothing to evaluate: give --data (likelihood) and/or --prompts (decoding)")
     output = Path(output)
@@ -51,8 +50,11 @@ def evaluate(model_dir, output, data: str | None = None, seq_length: int | None 
     results = {"model": str(model_dir), "date": datetime.date.today().isoformat(), "device": _device_name(device),
                "dtype": str(dtype).removeprefix("torch."), "block_sizes": block_sizes, "beta": beta}
     if data is not None:
-        seq_length = seq_length or min(1024, decoder.max_positions or 1024)
-        check_context(seq_length, 0, decoder.max_positions, "--seq-length: ")
+        positions = decoder.max_positions or 1024
+        if seq_length is not None and seq_length > positions:  # the context rule (inference/step.py)
+            print(f"--seq-length {seq_length} is past the model's context of {positions} positions "
+                  f"(max_position_embeddings): scoring windows of {positions} tokens", file=sys.stderr)
+        seq_length = min(seq_length or 1024, positions)
         documents = likelihood.read_documents(data, decoder.model.args.vocab_size,
                                               _tokenizer_or_none(model_dir))
         scored = likelihood.score(decoder.model, documents, seq_length, block_sizes[0], decoder.mask_token_id,
@@ -136,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="results JSON to write (results.md and acceptance.png beside it)")
     p.add_argument("--data", help="a tokenized .bin/.idx prefix: AR likelihood, diffusion loss, draft accuracy")
     p.add_argument("--seq-length", type=int, help="window length for --data (default: the model's context, at "
-                   "most 1024; longer is refused)")
+                   "most 1024; longer is clamped to it, and said)")
     p.add_argument("--prompts", help="JSONL prompts: TiDAR vs AR decoding (see tidar_megatron/evaluation/generation.py)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--block-size", type=int, nargs="+", help="draft block sizes to decode with (default: the "

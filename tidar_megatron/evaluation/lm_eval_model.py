@@ -50,7 +50,7 @@ from tidar_megatron.evaluation.sandbox import run_tests
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.generate import DTYPES, check_exported
 from tidar_megatron.inference.sampling import SamplingConfig
-from tidar_megatron.inference.step import check_context
+from tidar_megatron.inference.step import check_context, fit_context
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +196,20 @@ class TiDARLM(TemplateLM):
         until, max_new = kwargs["until"], kwargs["max_gen_toks"]
         sampling = SamplingConfig(float(kwargs.get("temperature", 0.0)) if kwargs["do_sample"] else 0.0,
                                   float(kwargs.get("top_p") or 1.0))
-        # Contexts are left-truncated to max_length - max_gen_toks (as lm-eval's `hf` model does); what still
-        # does not fit is refused by the one context rule (inference/step.py).
-        check_context(1, max_new, self.max_length, "lm-eval: a prompt of ", "max_gen_toks")
+        # Contexts are left-truncated to max_length - max_gen_toks (as lm-eval's `hf` model does); the context
+        # rule (inference/step.py) refuses a max_gen_toks that leaves no room for a prompt.
+        check_context(1, max_new, self.max_length, "lm-eval: even ", "max_gen_toks")
         prompts = [self.tok_encode(c, add_special_tokens=bool(self.add_bos_token),
                                    left_truncate_len=self.max_length - max_new) for c in contexts]
+        rooms = []  # max_length past the model's positions: clamped, and said
         for prompt in prompts:
-            check_context(len(prompt), max_new, self.decoder.max_positions, "lm-eval (max_length): ", "max_gen_toks")
+            room, note = fit_context(len(prompt), max_new, self.decoder.max_positions, "lm-eval: ", "max_gen_toks")
+            rooms.append(room)
+            if note:
+                log.warning("%s", note)
         generated = [[] for _ in prompts]
         done = [False] * len(prompts)
-        for step in self.decoder.stream(prompts, max_new, mode=self.mode, sampling=sampling, seed=0):
+        for step in self.decoder.stream(prompts, rooms, mode=self.mode, sampling=sampling, seed=0):
             for j, new in enumerate(step.new_tokens):
                 generated[j] += new
                 done[j] = done[j] or (until and any(s in self.tok_decode(generated[j]) for s in until if s))

@@ -126,9 +126,9 @@ class Generation:
 
 
 class _StopRule:
-    """Clips each sequence at max_new_tokens and after its first EOS."""
+    """Clips each sequence at its max_new_tokens and after its first EOS."""
 
-    def __init__(self, batch_size: int, max_new_tokens: int, eos_token_ids):
+    def __init__(self, batch_size: int, max_new_tokens: list[int], eos_token_ids):
         self.max_new_tokens, self.eos = max_new_tokens, set(eos_token_ids)
         self.generated = [0] * batch_size
         self.finished = [False] * batch_size
@@ -136,7 +136,7 @@ class _StopRule:
     def commit(self, i: int, tokens: list[int]) -> list[int]:
         if self.finished[i]:
             return []
-        tokens, finish = clip_at_stop(tokens, self.max_new_tokens - self.generated[i], self.eos)
+        tokens, finish = clip_at_stop(tokens, self.max_new_tokens[i] - self.generated[i], self.eos)
         self.generated[i] += len(tokens)
         self.finished[i] = finish is not None
         return tokens
@@ -182,17 +182,19 @@ class Decoder:
         decoder.checkpoint_config = hf
         return decoder
 
-    def generate(self, prompts, max_new_tokens: int, mode: str = "tidar", sampling=SamplingConfig(),
+    def generate(self, prompts, max_new_tokens: int | list[int], mode: str = "tidar", sampling=SamplingConfig(),
                  seed: int | None = None, block_size: int | None = None, beta: float | None = None) -> Generation:
         steps = list(self.stream(prompts, max_new_tokens, mode, sampling, seed, block_size, beta))
         batch = len(steps[0].new_tokens)
         return Generation([sum((s.new_tokens[i] for s in steps), []) for i in range(batch)], steps[-1].stats)
 
-    def stream(self, prompts, max_new_tokens: int, mode: str = "tidar", sampling=SamplingConfig(),
+    def stream(self, prompts, max_new_tokens: int | list[int], mode: str = "tidar", sampling=SamplingConfig(),
                seed=None, block_size: int | None = None, beta: float | None = None) -> Iterator[StreamStep]:
         """Yields after every forward pass the tokens it made final.
 
-        prompts: one list of token ids, or a list of them (a batch; lengths may differ).  sampling: greedy by
+        prompts: one list of token ids, or a list of them (a batch; lengths may differ).  max_new_tokens: one
+        for every prompt or one each; past the model's context is refused (`step.fit_context` first clamps
+        it and says so, as the commands do).  sampling: greedy by
         default; with a temperature, TiDAR drafts are verified by rejection sampling; a list gives each prompt
         its own.  seed: one int (prompt i draws stream i of it), a list (prompt i draws stream 0 of seed[i],
         so its tokens are those it gets alone with that seed), or None (from entropy).
@@ -200,12 +202,14 @@ class Decoder:
         prompts = [list(prompts)] if isinstance(prompts[0], int) else [list(p) for p in prompts]
         block_size = block_size or self.block_size
         beta = self.beta if beta is None else check_beta(beta)
+        max_new_tokens = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) \
+            else [max_new_tokens] * len(prompts)
         self._check(prompts, max_new_tokens, mode, block_size)
         block = block_size if mode == "tidar" else 1
         longest = max(map(len, prompts))
         # The last pass of a sequence writes one whole decoding pass (pending block + mask blocks) past its prefix.
         pass_len = TiDARLayout.for_decoding(0, block).seq_len
-        self.model.setup_kv_cache(len(prompts), longest + max_new_tokens + pass_len)
+        self.model.setup_kv_cache(len(prompts), longest + max(max_new_tokens) + pass_len)
         settings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         if isinstance(seed, (list, tuple)):
             keys = [stream_key(s if s is not None else secrets.randbits(64)) for s in seed]
@@ -234,11 +238,11 @@ class Decoder:
             raise DecodingError(f"mode must be one of {MODES}, got {mode!r}")
         if any(len(p) == 0 for p in prompts):
             raise DecodingError("every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        for i, prompt in enumerate(prompts):
-            check_context(len(prompt), max_new_tokens, self.max_positions,
-                          f"prompt {i + 1}: " if len(prompts) > 1 else "")
+        if len(max_new_tokens) != len(prompts) or min(max_new_tokens) < 1:
+            raise DecodingError(f"max_new_tokens must be >= 1 for each of the {len(prompts)} prompts, "
+                                f"got {max_new_tokens}")
+        for i, (prompt, new) in enumerate(zip(prompts, max_new_tokens)):
+            check_context(len(prompt), new, self.max_positions, f"prompt {i + 1}: " if len(prompts) > 1 else "")
         if mode == "tidar":
             if self.mask_token_id is None or block_size is None:
                 raise DecodingError("TiDAR decoding needs the mask token id and draft block size: the checkpoint's "

@@ -12,10 +12,12 @@ A pass's results come back packed in one tensor [b, 1 + B]: the number of pendin
 next pending block (the token after the kept ones, then its drafts).  The caller moves it to the host once
 per pass (`.tolist()`) and reads each row with `new_tokens`.
 
-The context rule (one for every decoding path, the server's admission included): a prompt of n tokens may ask
-for k new tokens when n + k <= the model's positions (config.json max_position_embeddings, or the server's
---max-model-len).  Anything past it is refused with one line naming the numbers and the fix, never clamped
-silently: `check_context`.  Drafts written past the last position are scratch and never become tokens.
+The context rule, one for every decoding path: a prompt of n tokens gets at most max_positions - n new tokens
+(config.json's max_position_embeddings, or the server's --max-model-len).  `fit_context` applies it: a prompt
+that leaves no room is refused; a longer max_new_tokens is clamped, with a one-line note the command prints
+(generate, evaluate, lm-eval).  The server's admission (`check_context`) refuses instead of clamping: an API
+client asked for exactly that many tokens and can only be told by an error (as OpenAI's API and vLLM do).
+Drafts written past the last position are scratch and never become tokens.
 """
 
 from __future__ import annotations
@@ -36,19 +38,35 @@ class ContextError(TiDARError, ValueError):
         self.param = param
 
 
-def check_context(prompt_len: int, max_new_tokens: int, max_positions: int | None, where: str = "",
-                  new_tokens_name: str = "max_new_tokens"):
-    """Refuses prompt_len + max_new_tokens > max_positions (None: no limit known).  `where` prefixes the
-    message (e.g. "--prompts p.jsonl:3: "); `new_tokens_name` is how the caller spells max_new_tokens."""
+def fit_context(prompt_len: int, max_new_tokens: int, max_positions: int | None, where: str = "",
+                new_tokens_name: str = "max_new_tokens") -> tuple[int, str | None]:
+    """-> (the new tokens that fit, at most max_new_tokens; a one-line note when that is fewer).  Refuses a
+    prompt that leaves no room.  max_positions None: no limit known.  `where` prefixes the messages (e.g.
+    "prompt 3: "); `new_tokens_name` is how the caller spells max_new_tokens."""
     if max_positions is None or prompt_len + max_new_tokens <= max_positions:
-        return
+        return max_new_tokens, None
     if prompt_len + min(max_new_tokens, 1) > max_positions:
         room = max_positions - min(max_new_tokens, 1)
         raise ContextError(f"{where}{prompt_len} tokens do not fit the model's context of {max_positions} "
                            f"positions (max_position_embeddings); use at most {room}", "prompt")
-    raise ContextError(f"{where}a {prompt_len}-token prompt plus {new_tokens_name} {max_new_tokens} needs "
-                       f"{prompt_len + max_new_tokens} positions, the model has {max_positions}: lower "
-                       f"{new_tokens_name} to {max_positions - prompt_len} or shorten the prompt", "max_new_tokens")
+    room = max_positions - prompt_len
+    return room, _past_context(prompt_len, max_new_tokens, max_positions, where, new_tokens_name) + \
+        f": generating {room} tokens for it"
+
+
+def check_context(prompt_len: int, max_new_tokens: int, max_positions: int | None, where: str = "",
+                  new_tokens_name: str = "max_new_tokens"):
+    """`fit_context` that refuses instead of clamping (the server's admission; the Decoder, whose callers fit
+    first)."""
+    room, note = fit_context(prompt_len, max_new_tokens, max_positions, where, new_tokens_name)
+    if note is not None:
+        raise ContextError(_past_context(prompt_len, max_new_tokens, max_positions, where, new_tokens_name) +
+                           f": lower {new_tokens_name} to {room} or shorten the prompt", "max_new_tokens")
+
+
+def _past_context(prompt_len, max_new_tokens, max_positions, where, new_tokens_name) -> str:
+    return (f"{where}a {prompt_len}-token prompt plus {new_tokens_name} {max_new_tokens} needs "
+            f"{prompt_len + max_new_tokens} positions, the model has {max_positions}")
 
 
 def mixed_logits(ar_logits: torch.Tensor, diffusion_logits: torch.Tensor, beta: float) -> torch.Tensor:
