@@ -33,7 +33,7 @@ import torch
 from tidar_megatron.errors import TiDARError
 from tidar_megatron.inference.hf_checkpoint import load_hf_model
 from tidar_megatron.inference.model import Transformer
-from tidar_megatron.inference.sampling import RowSampling, SamplingConfig, stream_key
+from tidar_megatron.inference.sampling import RowSampling, SamplingConfig
 from tidar_megatron.inference.step import ar_step, check_context, clip_at_stop, new_tokens, prefill_select, tidar_step
 from tidar_megatron.layout import TiDARLayout
 
@@ -212,14 +212,14 @@ class Decoder:
         self.model.setup_kv_cache(len(prompts), longest + max(max_new_tokens) + pass_len)
         settings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
         if isinstance(seed, (list, tuple)):
-            keys = [stream_key(s if s is not None else secrets.randbits(64)) for s in seed]
+            seeds, streams = [s if s is not None else secrets.randbits(64) for s in seed], None
         else:
-            seed = secrets.randbits(64) if seed is None else seed
-            keys = [stream_key(seed, i) for i in range(len(prompts))]
-        if len(settings) != len(prompts) or len(keys) != len(prompts):
+            seeds = [secrets.randbits(64) if seed is None else seed] * len(prompts)
+            streams = list(range(len(prompts)))
+        if len(settings) != len(prompts) or len(seeds) != len(prompts):
             raise DecodingError(f"{len(prompts)} prompts need as many sampling settings and seeds, got "
-                                f"{len(settings)} and {len(keys)}")
-        rows = RowSampling.of(settings, keys, self.device)
+                                f"{len(settings)} and {len(seeds)}")
+        rows = RowSampling.of(settings, seeds, self.device, streams)
         stats = DecodeStats(mode, block, acceptance_histogram=[0] * block)
         stop = _StopRule(len(prompts), max_new_tokens, self.eos_token_ids)
         with torch.inference_mode():

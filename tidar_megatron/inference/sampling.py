@@ -70,13 +70,6 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shift_right(z, 31)
 
 
-def stream_key(seed: int, stream: int = 0) -> int:
-    """The random key of one sequence: any integer seed (taken modulo 2**64) and a stream number (a batch's
-    row index when one seed serves a batch)."""
-    x = torch.tensor([_signed(seed), _signed(stream)])
-    return int(splitmix64(splitmix64(x[:1]) ^ x[1:]))
-
-
 def uniforms(keys: torch.Tensor, counters: torch.Tensor, first_slot: int, n: int) -> torch.Tensor:
     """[b, n] float32 uniforms in [0, 1) for slots first_slot.. of each row's draw `counters` [b]."""
     slots = torch.arange(first_slot, first_slot + n, device=keys.device)
@@ -90,22 +83,32 @@ class RowSampling:
     temperature: torch.Tensor   # [b] float32 (greedy rows: 1, unused)
     top_p: torch.Tensor         # [b] float32
     greedy: torch.Tensor        # [b] bool
-    keys: torch.Tensor          # [b] int64, stream_key of each row
+    keys: torch.Tensor          # [b] int64, each row's random key: splitmix64 of (seed, stream)
     all_greedy: bool
     any_greedy: bool
     any_top_p: bool
 
     @classmethod
-    def of(cls, settings: list[SamplingConfig], keys: list[int], device) -> "RowSampling":
+    def of(cls, settings: list[SamplingConfig], seeds: list[int], device,
+           streams: list[int] | None = None) -> "RowSampling":
+        """Row i samples with settings[i] from stream streams[i] (default 0) of seeds[i] (any integer, taken
+        modulo 2**64): one seed serves a batch through its streams; a sequence alone with a seed draws
+        stream 0."""
         # float32 cannot hold a temperature below its smallest normal; the limit is the same greedy one
         tiny = torch.finfo(torch.float32).tiny
         return cls(torch.tensor([max(s.temperature, tiny) if not s.greedy else 1.0 for s in settings],
                                 device=device),
                    torch.tensor([s.top_p for s in settings], device=device),
                    torch.tensor([s.greedy for s in settings], device=device),
-                   torch.tensor([_signed(k) for k in keys], device=device),
+                   cls._keys(seeds, streams or [0] * len(seeds), device),
                    all(s.greedy for s in settings), any(s.greedy for s in settings),
                    any(s.top_p < 1 for s in settings))
+
+
+    @staticmethod
+    def _keys(seeds: list[int], streams: list[int], device) -> torch.Tensor:
+        seeds = torch.tensor([_signed(s) for s in seeds], device=device)
+        return splitmix64(splitmix64(seeds) ^ torch.tensor(streams, device=device))
 
 
 def _per_row(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

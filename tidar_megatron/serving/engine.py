@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from tidar_megatron.inference.decoding import Decoder
-from tidar_megatron.inference.sampling import RowSampling, SamplingConfig, one_hot_distributions, stream_key
+from tidar_megatron.inference.sampling import RowSampling, SamplingConfig, one_hot_distributions
 from tidar_megatron.inference.step import ar_step, clip_at_stop, new_tokens, prefill_select, tidar_step
 from tidar_megatron.layout import TiDARLayout
 
@@ -61,7 +61,7 @@ class _Sequence:
     prefix: int                               # cache slots [0, prefix) hold the verified tokens
     pending: list[int]                        # TiDAR: the pending block; AR: the last token
     draft_probs: torch.Tensor | None          # TiDAR sampling: the drafts' distributions [B - 1, V]
-    key: int                                  # the sequence's random key (sampling.stream_key of its seed)
+    seed: int                                 # its random stream's seed (the request's, or from entropy)
     generated: list[int] = field(default_factory=list)
     text: str = ""
     passes: int = 1                           # the prefill counts
@@ -184,8 +184,8 @@ class Engine:
             layout, tokens = TiDARLayout.causal(n), prompt
         logits = self._forward([row], [tokens], [layout], [0])
         # Each sequence draws from its own stream: its seed's, or one from entropy.
-        key = stream_key(request.seed if request.seed is not None else secrets.randbits(64))
-        sampling = RowSampling.of([request.sampling], [key], self.device)
+        seed = request.seed if request.seed is not None else secrets.randbits(64)
+        sampling = RowSampling.of([request.sampling], [seed], self.device)
         counters = torch.zeros(1, dtype=torch.long, device=self.device)
         if self.mode == "tidar":
             first_block = logits[:, layout.full_block_rows[0].to(self.device)]
@@ -194,7 +194,7 @@ class Engine:
             result = ar_step(logits[:, n - 1], sampling, counters)
         _, new, pending = new_tokens(None, result.packed.tolist()[0])
         probs = None if result.draft_probs is None else result.draft_probs[0]
-        seq = _Sequence(request, row, n, pending, probs, key)
+        seq = _Sequence(request, row, n, pending, probs, seed)
         self.active[request.id] = seq
         self._emit(seq, new)
 
@@ -209,7 +209,7 @@ class Engine:
             layouts = [TiDARLayout.causal(s.prefix + 1) for s in seqs]
             tokens = [s.pending for s in seqs]
         logits = self._forward([s.row for s in seqs], tokens, layouts, [s.prefix for s in seqs])
-        sampling = RowSampling.of([s.request.sampling for s in seqs], [s.key for s in seqs], self.device)
+        sampling = RowSampling.of([s.request.sampling for s in seqs], [s.seed for s in seqs], self.device)
         counters = torch.tensor([s.passes for s in seqs], device=self.device)
         if self.mode == "tidar":
             pending = torch.tensor([s.pending for s in seqs], device=self.device)
