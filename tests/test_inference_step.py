@@ -64,7 +64,8 @@ def brute_force_step(logits, pending, draft_probs, groups, beta, setting, u):
     p = [_distribution(beta * logits[i] + (1 - beta) * logits[groups[i][0]], setting) for i in range(block)]
     q = [d.double() for d in draft_probs]
     accepted = 1
-    while accepted < block and u[accepted - 1] * q[accepted - 1][pending[accepted]] < p[accepted - 1][pending[accepted]]:
+    while accepted < block and u[accepted - 1] * q[accepted - 1][pending[accepted]] < \
+            p[accepted - 1][pending[accepted]]:
         accepted += 1
     target = p[accepted - 1]
     if accepted < block:

@@ -104,7 +104,6 @@ class RowSampling:
                    all(s.greedy for s in settings), any(s.greedy for s in settings),
                    any(s.top_p < 1 for s in settings))
 
-
     @staticmethod
     def _keys(seeds: list[int], streams: list[int], device) -> torch.Tensor:
         seeds = torch.tensor([_signed(s) for s in seeds], device=device)

@@ -111,10 +111,11 @@ def tidar_step(logits, pending, draft_probs, groups, beta: float, sampling: RowS
     """One TiDAR pass for every sequence: verify the pending drafts and pick the next block.
 
     logits [b, width, V]: the pass's rows from the pending block on; pending [b, B]; draft_probs [b, B-1, V]
-    or None (every row greedy; a greedy row among sampled ones has one-hot distributions); groups [B, B]: the rows of mask block a - 1 (acceptance
-    length a) relative to the pending block (`full_block_rows` of `TiDARLayout.for_decoding(0, B)`).  Row i
-    of the pending block predicts position m + i + 1, as does slot 0 of group i + 1.  The next pending block
-    is the token after the a kept ones, then the drafts of the group that saw exactly those.
+    or None (every row greedy; a greedy row among sampled ones has one-hot distributions); groups [B, B]:
+    the rows of mask block a - 1 (acceptance length a) relative to the pending block (`full_block_rows` of
+    `TiDARLayout.for_decoding(0, B)`).  Row i of the pending block predicts position m + i + 1, as does slot
+    0 of group i + 1.  The next pending block is the token after the a kept ones, then the drafts of the
+    group that saw exactly those.
     """
     block = pending.shape[1]
     u = _uniforms(sampling, counters, block)
