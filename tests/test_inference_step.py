@@ -250,3 +250,12 @@ def test_new_tokens_reads_a_packed_row():
     assert new_tokens(None, [0, 7, 8, 9]) == (0, [7], [7, 8, 9])
     assert new_tokens([7, 8, 9], [2, 4, 5, 6]) == (2, [8, 4], [4, 5, 6])
     assert new_tokens([7], [1, 3]) == (1, [3], [3])
+
+
+def test_any_integer_seed_is_a_stream(decoder):
+    """Seeds are taken modulo 2**64 (OpenAI's seeds are 64-bit): 2**64 + 5 is seed 5, and -1 is 2**64 - 1."""
+    prompt, sampling = [3, 9, 4, 17, 2], SamplingConfig(1.1)
+    assert decoder.generate(prompt, 10, "tidar", sampling, seed=[2 ** 64 + 5]).tokens == \
+        decoder.generate(prompt, 10, "tidar", sampling, seed=[5]).tokens
+    assert decoder.generate(prompt, 10, "tidar", sampling, seed=[-1]).tokens == \
+        decoder.generate(prompt, 10, "tidar", sampling, seed=[2 ** 64 - 1]).tokens
