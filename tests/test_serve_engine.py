@@ -186,20 +186,20 @@ def test_a_sequence_whose_step_raises_ends_alone(decoder, monkeypatch, mode):
     other sequences' state moved), one's prefill raises: those two end with "error", the others finish with
     the tokens each gives alone (greedy ones: Decoder.generate's)."""
     bad_step, bad_prefill = SamplingConfig(0.8), SamplingConfig(0.9)
-    real_step = runner_module.verify_and_redraft if mode == "tidar" else runner_module.select
-    real_prefill = runner_module.first_token_and_drafts if mode == "tidar" else runner_module.select
+    real = {name: getattr(runner_module, name) for name in ("tidar_step", "prefill_select", "ar_step")}
     prefilling = [False]
 
-    def step(logits, *args):
-        sampling = args[-2] if mode == "tidar" else args[0]
-        if sampling is bad_step and not prefilling[0]:
-            raise FloatingPointError("probability tensor contains nan (simulated)")
-        return real_step(logits, *args)
-
-    def prefill(logits, *args):
-        if (args[-2] if mode == "tidar" else args[0]) is bad_prefill:
-            raise FloatingPointError("bad prefill (simulated)")
-        return real_prefill(logits, *args)
+    def core(name):
+        """The decoding core's call `name`, raising when a row of the batch has the bad settings (every call
+        takes the rows' RowSampling second to last)."""
+        def call(*args):
+            sampling = args[-2]
+            prefill = name == "prefill_select" or (name == "ar_step" and prefilling[0])
+            bad = (bad_prefill if prefill else bad_step).temperature
+            if bool((~sampling.greedy & (sampling.temperature == bad)).any()):
+                raise FloatingPointError(f"bad {'prefill' if prefill else 'step'} (simulated)")
+            return real[name](*args)
+        return call
 
     def prefill_one(self, seq):
         prefilling[0] = True
@@ -210,11 +210,8 @@ def test_a_sequence_whose_step_raises_ends_alone(decoder, monkeypatch, mode):
 
     real_prefill_one = runner_module.Runner._prefill_one
     monkeypatch.setattr(runner_module.Runner, "_prefill_one", prefill_one)
-    if mode == "tidar":
-        monkeypatch.setattr(runner_module, "verify_and_redraft", step)
-        monkeypatch.setattr(runner_module, "first_token_and_drafts", prefill)
-    else:
-        monkeypatch.setattr(runner_module, "select", lambda logits, *a: (prefill if prefilling[0] else step)(logits, *a))
+    for name in real:
+        monkeypatch.setattr(runner_module, name, core(name))
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18, 19]]
     samplings = [SamplingConfig(), SamplingConfig(1.0), bad_step, bad_prefill, SamplingConfig()]
 
@@ -262,14 +259,14 @@ def test_on_loopback_one_request_whose_step_raises_fails_alone_among_streams(tmp
     tok = Tokenizer(str(tmp_path / "tokenizer.model"))
     tiny_hf_checkpoint(tmp_path, vocab_size=tok.vocab_size, tidar_mask_token_id=tok.mask_id,
                        tidar_draft_block_size=4, eos_token_id=None)
-    real = runner_module.verify_and_redraft
+    real = runner_module.tidar_step
 
-    def step(logits, pending, draft_probs, groups, beta, sampling, generator):
-        if sampling.temperature == 0.123:
+    def step(logits, pending, draft_probs, groups, beta, sampling, counters):
+        if bool((sampling.temperature == 0.123).any()):  # the batch holds the bad request's row
             raise FloatingPointError("probability tensor contains nan (simulated)")
-        return real(logits, pending, draft_probs, groups, beta, sampling, generator)
+        return real(logits, pending, draft_probs, groups, beta, sampling, counters)
 
-    monkeypatch.setattr(runner_module, "verify_and_redraft", step)
+    monkeypatch.setattr(runner_module, "tidar_step", step)
     prompts = ["def add(a, b):\n", "class Punkt:\n", "    größe = ", "print(f\"{x"]
     app, engine = build(tmp_path, mode="tidar", max_batch=4, max_model_len=96)
     with BackgroundServer(app, engine) as server:

@@ -26,20 +26,19 @@ import torch
 from tidar_megatron.atomic import write_atomic
 from tidar_megatron.console import ProgressBar, entry_point
 from tidar_megatron.errors import TiDARError
-from tidar_megatron.evaluation import repetition
-from tidar_megatron.inference.generate import DTYPES, check_exported, resolve_dtype
+from tidar_megatron.evaluation import generation, likelihood, repetition
+from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.inference.generate import DTYPES, check_exported, load_tokenizer, resolve_dtype
+from tidar_megatron.plots import PlotsUnavailable, draw_acceptance
 
 
 
-def evaluate(model_dir, output, data: str | None = None, seq_length: int = 1024, prompts: str | None = None,
+def evaluate(model_dir, output, data: str | None = None, seq_length: int | None = None, prompts: str | None = None,
              max_new_tokens: int = 128, block_sizes: list[int] | None = None, beta: float = 1.0,
              device: str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 8,
              progress: bool = True) -> dict:
-    """Run the requested evaluations; returns the results dict (also written to `output`)."""
-    from tidar_megatron.evaluation import generation, likelihood
-    from tidar_megatron.inference.decoding import Decoder
-    from tidar_megatron.inference.generate import load_tokenizer
-
+    """Run the requested evaluations; returns the results dict (also written to `output`).  `seq_length`:
+    default the model's context, at most 1024; a longer one is clamped to the context, and said."""
     if data is None and prompts is None:
         raise TiDARError("nothing to evaluate: give --data (likelihood) and/or --prompts (decoding)")
     output = Path(output)
@@ -51,14 +50,19 @@ def evaluate(model_dir, output, data: str | None = None, seq_length: int = 1024,
     results = {"model": str(model_dir), "date": datetime.date.today().isoformat(), "device": _device_name(device),
                "dtype": str(dtype).removeprefix("torch."), "block_sizes": block_sizes, "beta": beta}
     if data is not None:
+        positions = decoder.max_positions or 1024
+        if seq_length is not None and seq_length > positions:  # the context rule (inference/step.py)
+            print(f"--seq-length {seq_length} is past the model's context of {positions} positions "
+                  f"(max_position_embeddings): scoring windows of {positions} tokens", file=sys.stderr)
+        seq_length = min(seq_length or 1024, positions)
         documents = likelihood.read_documents(data, decoder.model.args.vocab_size,
-                                              _tokenizer_or_none(model_dir, load_tokenizer))
+                                              _tokenizer_or_none(model_dir))
         scored = likelihood.score(decoder.model, documents, seq_length, block_sizes[0], decoder.mask_token_id,
                                   batch_size, ProgressBar("likelihood", " windows", progress))
         results.update(data=str(data), seq_length=seq_length, likelihood=scored,
                        **{k: scored[k] for k in ("ar_nll", "ar_perplexity", "tokens_scored")})
     if prompts is not None:
-        tokenizer = _tokenizer_or_none(model_dir, load_tokenizer)
+        tokenizer = _tokenizer_or_none(model_dir)
         parsed = generation.read_prompts(prompts, tokenizer)
         report = generation.compare(decoder, parsed, tokenizer, max_new_tokens, block_sizes, beta,
                                     progress=ProgressBar("decoding", " prompts", progress))
@@ -70,8 +74,6 @@ def evaluate(model_dir, output, data: str | None = None, seq_length: int = 1024,
     table = markdown(results)
     write_atomic(output.with_suffix(".md"), table + "\n")
     if prompts is not None:
-        from tidar_megatron.plots import PlotsUnavailable, draw_acceptance
-
         try:
             results["plot"] = str(draw_acceptance(results["generation"]["tidar"], output.parent / "acceptance.png"))
         except PlotsUnavailable as e:
@@ -85,7 +87,7 @@ def _device_name(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _tokenizer_or_none(model_dir, load_tokenizer):
+def _tokenizer_or_none(model_dir):
     try:
         return load_tokenizer(Path(model_dir))
     except TiDARError:
@@ -135,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="exported Hugging Face directory")
     p.add_argument("--output", required=True, help="results JSON to write (results.md and acceptance.png beside it)")
     p.add_argument("--data", help="a tokenized .bin/.idx prefix: AR likelihood, diffusion loss, draft accuracy")
-    p.add_argument("--seq-length", type=int, default=1024, help="window length for --data (default 1024)")
+    p.add_argument("--seq-length", type=int, help="window length for --data (default: the model's context, at "
+                   "most 1024; longer is clamped to it, and said)")
     p.add_argument("--prompts", help="JSONL prompts: TiDAR vs AR decoding (see tidar_megatron/evaluation/generation.py)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--block-size", type=int, nargs="+", help="draft block sizes to decode with (default: the "
@@ -151,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 @entry_point("tidar-megatron evaluate")
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    if a.seq_length < 2 or a.max_new_tokens < 1 or any(b < 2 for b in a.block_size or []):
+    if (a.seq_length is not None and a.seq_length < 2) or a.max_new_tokens < 1 or any(b < 2 for b in a.block_size or []):
         raise TiDARError("--seq-length must be >= 2, --max-new-tokens >= 1 and every --block-size >= 2")
     dtype = resolve_dtype(a.dtype, a.device)
     results = evaluate(a.model, a.output, a.data, a.seq_length, a.prompts, a.max_new_tokens, a.block_size, a.beta,

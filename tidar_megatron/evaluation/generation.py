@@ -16,6 +16,7 @@ that end a completion).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tidar_megatron.evaluation import repetition
 from tidar_megatron.evaluation.sandbox import run_tests
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.generate import check_prompt_ids
+from tidar_megatron.inference.step import fit_context
 
 
 class PromptError(TiDARError, ValueError):
@@ -89,16 +91,23 @@ def compare(decoder: Decoder, prompts: list[Prompt], tokenizer, max_new_tokens: 
     """The report described in the module docstring: {"ar": {...}, "tidar": {B: {...}}, "samples": [...]}."""
     check_prompt_ids([p.ids for p in prompts], decoder.model.args.vocab_size,
                      [f"prompt {i + 1}" for i in range(len(prompts))])
+    rooms = []  # every prompt's new tokens, clamped to the model's context and said (inference/step.py)
+    for i, prompt in enumerate(prompts):
+        room, note = fit_context(len(prompt.ids), max_new_tokens, decoder.max_positions, f"prompt {i + 1}: ",
+                                 "--max-new-tokens")
+        rooms.append(room)
+        if note:
+            print(note, file=sys.stderr)
     ar = _Totals()
     tidar = {b: _Totals() for b in block_sizes}
     samples = []
-    for i, prompt in enumerate(prompts):
-        ar_out = decoder.generate(prompt.ids, max_new_tokens, mode="ar")
+    for i, (prompt, room) in enumerate(zip(prompts, rooms)):
+        ar_out = decoder.generate(prompt.ids, room, mode="ar")
         ar.add(ar_out, prompt, tokenizer, test_timeout)
         sample = {"prompt": prompt.text if prompt.text is not None else prompt.ids,
                   "ar": completion_text(ar_out.tokens[0], tokenizer, prompt.stop), "tidar": {}}
         for b in block_sizes:
-            out = decoder.generate(prompt.ids, max_new_tokens, mode="tidar", block_size=b, beta=beta)
+            out = decoder.generate(prompt.ids, room, mode="tidar", block_size=b, beta=beta)
             tidar[b].add(out, prompt, tokenizer, test_timeout, identical=out.tokens[0] == ar_out.tokens[0])
             sample["tidar"][b] = completion_text(out.tokens[0], tokenizer, prompt.stop)
         samples.append(sample)

@@ -31,6 +31,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from lm_eval.__main__ import cli_evaluate  # the `lm-eval` console script
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
@@ -45,9 +46,11 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 from tidar_megatron.compat.lm_eval_harness import special_tokens_kwargs
 from tidar_megatron.console import entry_point
 from tidar_megatron.evaluation import repetition
+from tidar_megatron.evaluation.sandbox import run_tests
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.generate import DTYPES, check_exported
 from tidar_megatron.inference.sampling import SamplingConfig
+from tidar_megatron.inference.step import check_context, fit_context
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +196,20 @@ class TiDARLM(TemplateLM):
         until, max_new = kwargs["until"], kwargs["max_gen_toks"]
         sampling = SamplingConfig(float(kwargs.get("temperature", 0.0)) if kwargs["do_sample"] else 0.0,
                                   float(kwargs.get("top_p") or 1.0))
+        # Contexts are left-truncated to max_length - max_gen_toks (as lm-eval's `hf` model does); the context
+        # rule (inference/step.py) refuses a max_gen_toks that leaves no room for a prompt.
+        check_context(1, max_new, self.max_length, "lm-eval: even ", "max_gen_toks")
         prompts = [self.tok_encode(c, add_special_tokens=bool(self.add_bos_token),
                                    left_truncate_len=self.max_length - max_new) for c in contexts]
+        rooms = []  # max_length past the model's positions: clamped, and said
+        for prompt in prompts:
+            room, note = fit_context(len(prompt), max_new, self.decoder.max_positions, "lm-eval: ", "max_gen_toks")
+            rooms.append(room)
+            if note:
+                log.warning("%s", note)
         generated = [[] for _ in prompts]
         done = [False] * len(prompts)
-        for step in self.decoder.stream(prompts, max_new, mode=self.mode, sampling=sampling, seed=0):
+        for step in self.decoder.stream(prompts, rooms, mode=self.mode, sampling=sampling, seed=0):
             for j, new in enumerate(step.new_tokens):
                 generated[j] += new
                 done[j] = done[j] or (until and any(s in self.tok_decode(generated[j]) for s in until if s))
@@ -236,8 +248,6 @@ def code_pass_at_1(doc: dict, results: list[str]) -> dict:
     """An lm-eval `process_results` for code tasks: the completion, then the doc's `test` (or `tests`) code,
     run by the sandboxed runner (evaluation/sandbox.py).  The doc's `prompt` is prepended when it is the
     code the completion continues."""
-    from tidar_megatron.evaluation.sandbox import run_tests
-
     tests = doc.get("test") or doc.get("tests") or ""
     program = doc.get("prompt", "") + results[0] + "\n\n" + tests + "\n"
     return {"pass@1": float(run_tests(program).passed)}
@@ -246,8 +256,6 @@ def code_pass_at_1(doc: dict, results: list[str]) -> dict:
 @entry_point("tidar-megatron lm-eval")
 def main(argv: list[str] | None = None) -> int:
     """`tidar-megatron lm-eval <lm_eval's arguments>`: lm-eval's own command line with `tidar` registered."""
-    from lm_eval.__main__ import cli_evaluate  # the `lm-eval` console script
-
     saved = sys.argv
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
     try:

@@ -23,6 +23,7 @@ softmax(mixed / T), not from the AR model.
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -30,8 +31,10 @@ from typing import Iterator
 import torch
 
 from tidar_megatron.errors import TiDARError
+from tidar_megatron.inference.hf_checkpoint import load_hf_model
 from tidar_megatron.inference.model import Transformer
-from tidar_megatron.inference.sampling import SamplingConfig, select, verify_drafts
+from tidar_megatron.inference.sampling import RowSampling, SamplingConfig
+from tidar_megatron.inference.step import ar_step, check_context, clip_at_stop, new_tokens, prefill_select, tidar_step
 from tidar_megatron.layout import TiDARLayout
 
 MODES = ("tidar", "ar")
@@ -83,53 +86,6 @@ def check_beta(beta: float) -> float:
     return beta
 
 
-def mixed_logits(ar_logits: torch.Tensor, diffusion_logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """The logits drafts are verified against: beta * AR + (1 - beta) * diffusion."""
-    return ar_logits if beta == 1.0 else beta * ar_logits.float() + (1.0 - beta) * diffusion_logits.float()
-
-
-def first_token_and_drafts(last_prompt_logits, first_block, beta: float, sampling, generator):
-    """After a prefill: the first token from the prompt's last AR row, mixed with slot 0 of the mask block after
-    the prompt (it drafts the same position), and the drafts from the block's other slots.
-
-    last_prompt_logits [b, V], first_block [b, B, V] -> pending block [b, B] (the token, then its drafts),
-    the drafts' distributions (sampling) or None.
-    """
-    token, _ = select(mixed_logits(last_prompt_logits, first_block[:, 0], beta), sampling, generator)
-    drafts, draft_probs = select(first_block[:, 1:], sampling, generator)
-    return torch.cat([token[:, None], drafts], dim=1), draft_probs
-
-
-def verify_and_redraft(logits, pending, draft_probs, groups, beta: float, sampling, generator):
-    """What one decoding pass decides for each sequence.
-
-    logits [b, width, V]: the pass's rows from the pending block on; pending [b, B]; groups [B, B]: the rows
-    of mask block a - 1 (acceptance length a) relative to the pending block (`full_block_rows` of
-    `TiDARLayout.for_decoding(0, B)`).  Row i of the pending block predicts position m + i + 1, as does slot 0
-    of group i + 1.  Returns accepted [b] (tokens kept of the pending block, 1..B), the next pending block
-    [b, B] (the token after the kept ones, then the drafts of the group that saw exactly those), and the new
-    drafts' distributions.
-    """
-    block = pending.shape[1]
-    target_logits = mixed_logits(logits[:, :block], logits[:, groups[:, 0]], beta)
-    accepted, token = verify_drafts(target_logits, pending[:, 1:], draft_probs, sampling, generator)
-    rows = torch.arange(len(pending), device=logits.device)
-    chosen_block = logits[rows[:, None], groups[accepted - 1]]        # its slot 0 drafts `token`
-    drafts, new_draft_probs = select(chosen_block[:, 1:], sampling, generator)
-    return accepted, torch.cat([token[:, None], drafts], dim=1), new_draft_probs
-
-
-def clip_at_stop(tokens: list[int], room: int, eos) -> tuple[list[int], str | None]:
-    """`tokens` cut to `room` and after the first EOS; the finish reason ("length", "stop") or None."""
-    finish = None
-    if len(tokens) >= room:
-        tokens, finish = tokens[:room], "length"
-    for j, token in enumerate(tokens):
-        if token in eos:
-            return tokens[:j + 1], "stop"
-    return tokens, finish
-
-
 @dataclass
 class DecodeStats:
     mode: str
@@ -170,9 +126,9 @@ class Generation:
 
 
 class _StopRule:
-    """Clips each sequence at max_new_tokens and after its first EOS."""
+    """Clips each sequence at its max_new_tokens and after its first EOS."""
 
-    def __init__(self, batch_size: int, max_new_tokens: int, eos_token_ids):
+    def __init__(self, batch_size: int, max_new_tokens: list[int], eos_token_ids):
         self.max_new_tokens, self.eos = max_new_tokens, set(eos_token_ids)
         self.generated = [0] * batch_size
         self.finished = [False] * batch_size
@@ -180,7 +136,7 @@ class _StopRule:
     def commit(self, i: int, tokens: list[int]) -> list[int]:
         if self.finished[i]:
             return []
-        tokens, finish = clip_at_stop(tokens, self.max_new_tokens - self.generated[i], self.eos)
+        tokens, finish = clip_at_stop(tokens, self.max_new_tokens[i] - self.generated[i], self.eos)
         self.generated[i] += len(tokens)
         self.finished[i] = finish is not None
         return tokens
@@ -220,52 +176,73 @@ class Decoder:
                         compile=False, attention="sdpa", beta: float = 1.0) -> "Decoder":
         """Explicit mask_token_id / block_size override the checkpoint's tidar_* config fields; the config read
         stays at `checkpoint_config`."""
-        from tidar_megatron.inference.hf_checkpoint import load_hf_model
         model, hf = load_hf_model(model_dir, dtype, device)
         decoder = cls(model, mask_token_id if mask_token_id is not None else hf.tidar_mask_token_id,
                       block_size or hf.tidar_draft_block_size, hf.eos_token_ids, compile, attention, beta)
         decoder.checkpoint_config = hf
         return decoder
 
-    def generate(self, prompts, max_new_tokens: int, mode: str = "tidar", sampling=SamplingConfig(),
+    def generate(self, prompts, max_new_tokens: int | list[int], mode: str = "tidar", sampling=SamplingConfig(),
                  seed: int | None = None, block_size: int | None = None, beta: float | None = None) -> Generation:
         steps = list(self.stream(prompts, max_new_tokens, mode, sampling, seed, block_size, beta))
         batch = len(steps[0].new_tokens)
         return Generation([sum((s.new_tokens[i] for s in steps), []) for i in range(batch)], steps[-1].stats)
 
-    def stream(self, prompts, max_new_tokens: int, mode: str = "tidar", sampling=SamplingConfig(),
-               seed: int | None = None, block_size: int | None = None,
-               beta: float | None = None) -> Iterator[StreamStep]:
+    def stream(self, prompts, max_new_tokens: int | list[int], mode: str = "tidar", sampling=SamplingConfig(),
+               seed=None, block_size: int | None = None, beta: float | None = None) -> Iterator[StreamStep]:
         """Yields after every forward pass the tokens it made final.
 
-        prompts: one list of token ids, or a list of them (a batch; lengths may differ).  sampling: greedy by
-        default; with a temperature, TiDAR drafts are verified by rejection sampling.  seed: for sampling.
+        prompts: one list of token ids, or a list of them (a batch; lengths may differ).  max_new_tokens: one
+        for every prompt or one each; past the model's context is refused (`step.fit_context` first clamps
+        it and says so, as the commands do).  sampling: greedy by
+        default; with a temperature, TiDAR drafts are verified by rejection sampling; a list gives each prompt
+        its own.  seed: one int (prompt i draws stream i of it), a list (prompt i draws stream 0 of seed[i],
+        so its tokens are those it gets alone with that seed), or None (from entropy).
         """
         prompts = [list(prompts)] if isinstance(prompts[0], int) else [list(p) for p in prompts]
         block_size = block_size or self.block_size
         beta = self.beta if beta is None else check_beta(beta)
+        max_new_tokens = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) \
+            else [max_new_tokens] * len(prompts)
         self._check(prompts, max_new_tokens, mode, block_size)
         block = block_size if mode == "tidar" else 1
         longest = max(map(len, prompts))
         # The last pass of a sequence writes one whole decoding pass (pending block + mask blocks) past its prefix.
         pass_len = TiDARLayout.for_decoding(0, block).seq_len
-        self.model.setup_kv_cache(len(prompts), longest + max_new_tokens + pass_len)
-        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        self.model.setup_kv_cache(len(prompts), longest + max(max_new_tokens) + pass_len)
+        settings = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(prompts)
+        if isinstance(seed, (list, tuple)):
+            seeds, streams = [s if s is not None else secrets.randbits(64) for s in seed], None
+        else:
+            seeds = [secrets.randbits(64) if seed is None else seed] * len(prompts)
+            streams = list(range(len(prompts)))
+        if len(settings) != len(prompts) or len(seeds) != len(prompts):
+            raise DecodingError(f"{len(prompts)} prompts need as many sampling settings and seeds, got "
+                                f"{len(settings)} and {len(seeds)}")
+        rows = RowSampling.of(settings, seeds, self.device, streams)
         stats = DecodeStats(mode, block, acceptance_histogram=[0] * block)
         stop = _StopRule(len(prompts), max_new_tokens, self.eos_token_ids)
         with torch.inference_mode():
             if mode == "tidar":
-                yield from self._tidar(prompts, sampling, generator, stats, stop, block, beta)
+                yield from self._tidar(prompts, rows, stats, stop, block, beta)
             else:
-                yield from self._ar(prompts, sampling, generator, stats, stop)
+                yield from self._ar(prompts, rows, stats, stop)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The checkpoint's max_position_embeddings (None: not known)."""
+        return getattr(self.checkpoint_config, "max_position_embeddings", None)
 
     def _check(self, prompts, max_new_tokens, mode, block_size):
         if mode not in MODES:
             raise DecodingError(f"mode must be one of {MODES}, got {mode!r}")
         if any(len(p) == 0 for p in prompts):
             raise DecodingError("every prompt needs at least one token")
-        if max_new_tokens < 1:
-            raise DecodingError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(max_new_tokens) != len(prompts) or min(max_new_tokens) < 1:
+            raise DecodingError(f"max_new_tokens must be >= 1 for each of the {len(prompts)} prompts, "
+                                f"got {max_new_tokens}")
+        for i, (prompt, new) in enumerate(zip(prompts, max_new_tokens)):
+            check_context(len(prompt), new, self.max_positions, f"prompt {i + 1}: " if len(prompts) > 1 else "")
         if mode == "tidar":
             if self.mask_token_id is None or block_size is None:
                 raise DecodingError("TiDAR decoding needs the mask token id and draft block size: the checkpoint's "
@@ -312,63 +289,71 @@ class Decoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         stats.seconds += time.perf_counter() - started
-        return emitted, torch.tensor([not f for f in stop.finished], device=self.device)
+        return emitted, [not f for f in stop.finished]
 
-    def _tidar(self, prompts, sampling, generator, stats, stop, block: int, beta: float):
+    def _tidar(self, prompts, sampling: RowSampling, stats, stop, block: int, beta: float):
+        """State on the host (prefixes, pending blocks, read once per pass from the packed result) and on the
+        device (pending blocks, draft distributions, the draw counters)."""
         started, mask_id = time.perf_counter(), self.mask_token_id
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         rows = torch.arange(len(prompts), device=self.device)
         prefill = [TiDARLayout.for_prefill(len(p), block) for p in prompts]
         logits = self.forward_pass(self.padded([p + [mask_id] * block for p in prompts]), prefill, [0] * len(prompts))
         first_block = logits[rows[:, None], torch.stack([l.full_block_rows[0] for l in prefill]).to(self.device)]
-        pending, draft_probs = first_token_and_drafts(logits[rows, lengths - 1], first_block, beta, sampling,
-                                                      generator)                  # pending [b, B]
-        prefix = lengths                                                            # prefix m
+        counters = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        result = prefill_select(logits[rows, lengths - 1], first_block, beta, sampling, counters)
+        pending, draft_probs = result.pending, result.draft_probs                 # [b, B], [b, B-1, V]
+        host = [new_tokens(None, row) for row in result.packed.tolist()]
+        prefix = [len(p) for p in prompts]                                          # prefix m
         stats.sequence_passes += len(prompts)
-        emitted, active = self._emit(stop, stats, [[t] for t in pending[:, 0].tolist()], started)
-        yield StreamStep(emitted, prefix.tolist(), stats)
+        emitted, active = self._emit(stop, stats, [new for _, new, _ in host], started)
+        yield StreamStep(emitted, list(prefix), stats)
         # A pass's rows relative to its first (the prefix only shifts them): the pending block, then block
         # a - 1 for acceptance length a = 1..B, which starts right after the a kept tokens.
         step_layout = TiDARLayout.for_decoding(0, block)
         groups = step_layout.full_block_rows.to(self.device)                       # [B, B]
         masks = torch.full((len(prompts), step_layout.seq_len - step_layout.clean_len), mask_id, device=self.device)
-        while active.any():
+        while any(active):
             started = time.perf_counter()
-            layouts = [TiDARLayout.for_decoding(m, block) for m in prefix.tolist()]
-            logits = self.forward_pass(torch.cat([pending, masks], dim=1), layouts, prefix.tolist(), step=True)
-            accepted, next_pending, new_draft_probs = verify_and_redraft(logits, pending, draft_probs, groups, beta,
-                                                                        sampling, generator)
-            kept, accepted_list = pending.tolist(), accepted.tolist()
-            new = [kept[i][1:a] + [t] for i, (a, t) in enumerate(zip(accepted_list, next_pending[:, 0].tolist()))]
-            for a, generating in zip(accepted_list, active.tolist()):
+            counters = counters + 1
+            layouts = [TiDARLayout.for_decoding(m, block) for m in prefix]
+            logits = self.forward_pass(torch.cat([pending, masks], dim=1), layouts, prefix, step=True)
+            result = tidar_step(logits, pending, draft_probs, groups, beta, sampling, counters)
+            host = [new_tokens(old, row) for (_, _, old), row in zip(host, result.packed.tolist())]
+            for (a, _, _), generating in zip(host, active):
                 stats.acceptance_histogram[a - 1] += generating
-            stats.sequence_passes += int(active.sum())
-            emitted, active = self._emit(stop, stats, new, started)
+            stats.sequence_passes += sum(active)
+            emitted, still = self._emit(stop, stats, [new for _, new, _ in host], started)
             # Sequences that just finished keep their last state, so later passes stay inside the cache.
-            prefix = torch.where(active, prefix + accepted, prefix)
-            pending = torch.where(active[:, None], next_pending, pending)
+            prefix = [m + a if live else m for m, (a, _, _), live in zip(prefix, host, still)]
+            live = torch.tensor(still, device=self.device)
+            pending = torch.where(live[:, None], result.pending, pending)
             if draft_probs is not None:
-                draft_probs = torch.where(active[:, None, None], new_draft_probs, draft_probs)
-            yield StreamStep(emitted, prefix.tolist(), stats)
+                draft_probs = torch.where(live[:, None, None], result.draft_probs, draft_probs)
+            active = still
+            yield StreamStep(emitted, list(prefix), stats)
 
-    def _ar(self, prompts, sampling, generator, stats, stop):
+    def _ar(self, prompts, sampling: RowSampling, stats, stop):
         started = time.perf_counter()
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         rows = torch.arange(len(prompts), device=self.device)
         logits = self.forward_pass(self.padded(prompts), [TiDARLayout.causal(len(p)) for p in prompts],
                                    [0] * len(prompts))
-        token, _ = select(logits[rows, lengths - 1], sampling, generator)
-        prefix = lengths  # slot of the next token to feed
+        counters = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        result = ar_step(logits[rows, lengths - 1], sampling, counters)
+        token = result.pending                                                     # [b, 1]
+        prefix = [len(p) for p in prompts]  # slot of the next token to feed
         stats.sequence_passes += len(prompts)
-        emitted, active = self._emit(stop, stats, [[t] for t in token.tolist()], started)
-        yield StreamStep(emitted, prefix.tolist(), stats)
-        while active.any():
+        emitted, active = self._emit(stop, stats, [row[1:] for row in result.packed.tolist()], started)
+        yield StreamStep(emitted, list(prefix), stats)
+        while any(active):
             started = time.perf_counter()
-            layouts = [TiDARLayout.causal(m + 1) for m in prefix.tolist()]
-            logits = self.forward_pass(token[:, None], layouts, prefix.tolist(), step=True)
-            next_token, _ = select(logits[:, 0], sampling, generator)
-            stats.sequence_passes += int(active.sum())
-            emitted, active = self._emit(stop, stats, [[t] for t in next_token.tolist()], started)
-            prefix = torch.where(active, prefix + 1, prefix)
-            token = torch.where(active, next_token, token)
-            yield StreamStep(emitted, prefix.tolist(), stats)
+            counters = counters + 1
+            layouts = [TiDARLayout.causal(m + 1) for m in prefix]
+            logits = self.forward_pass(token, layouts, prefix, step=True)
+            result = ar_step(logits[:, 0], sampling, counters)
+            stats.sequence_passes += sum(active)
+            emitted, active = self._emit(stop, stats, [row[1:] for row in result.packed.tolist()], started)
+            prefix = [m + 1 if live else m for m, live in zip(prefix, active)]
+            token = torch.where(torch.tensor(active, device=self.device)[:, None], result.pending, token)
+            yield StreamStep(emitted, list(prefix), stats)

@@ -17,9 +17,11 @@ from pathlib import Path
 import torch
 
 from tidar_megatron.console import entry_point
+from tidar_megatron.data.tokenizer import Tokenizer
 from tidar_megatron.hf.config import NOT_A_MODEL_DIR, HFCheckpointNotFound
 from tidar_megatron.inference.decoding import ATTENTION, MODES, Decoder, DecodingError
 from tidar_megatron.inference.sampling import SamplingConfig
+from tidar_megatron.inference.step import fit_context
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,8 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
 def load_tokenizer(model_dir: Path):
     """The tokenizer training used (tidar_megatron.data.tokenizer): the directory's SentencePiece
     `tokenizer.model`, else its Hugging Face tokenizer files."""
-    from tidar_megatron.data.tokenizer import Tokenizer
-
     if (model_dir / "tokenizer.model").is_file():
         return Tokenizer(str(model_dir / "tokenizer.model"))
     if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
@@ -107,12 +107,19 @@ def run(args: argparse.Namespace) -> int:
                                       args.compile, args.attention, args.beta)
     names = [f"--prompt {t!r}" for t in args.prompt] if tokenizer else [f"--prompt-ids {t}" for t in args.prompt_ids]
     check_prompt_ids(prompts, decoder.model.args.vocab_size, names)
+    max_new_tokens = []  # past the model's context: clamped, and said (inference/step.py)
+    for prompt, name in zip(prompts, names):
+        room, note = fit_context(len(prompt), args.max_new_tokens, decoder.max_positions, f"{name}: ",
+                                 "--max-new-tokens")
+        max_new_tokens.append(room)
+        if note:
+            print(note, file=sys.stderr)
     sampling = SamplingConfig(args.temperature, args.top_p)
     generated = [[] for _ in prompts]
     shown = ""
     if len(prompts) == 1 and tokenizer:  # a text completion is streamed right after its prompt
         print(args.prompt[0], end="", flush=True)
-    for step in decoder.stream(prompts, args.max_new_tokens, args.mode, sampling, args.seed):
+    for step in decoder.stream(prompts, max_new_tokens, args.mode, sampling, args.seed):
         for tokens, new in zip(generated, step.new_tokens):
             tokens += new
         if len(prompts) == 1:  # stream: print what the accepted tokens add to the text

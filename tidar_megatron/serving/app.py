@@ -23,6 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from starlette.exceptions import HTTPException
 
 from tidar_megatron.inference.sampling import SamplingConfig
+from tidar_megatron.inference.step import ContextError, check_context
 from tidar_megatron.serving.engine import Engine, Event, QueueFull
 from tidar_megatron.serving.engine import Request as EngineRequest
 from tidar_megatron.serving.protocol import (ApiError, ChatBody, CompletionBody, ServeLimits, error_body, parse,
@@ -117,17 +118,15 @@ class Api:
         if not prompt_ids:
             raise ApiError(400, "the prompt has no tokens", "prompt")
         limit = self.engine.max_model_len
-        if len(prompt_ids) >= limit:  # before the vocabulary scan: a long id list costs no more than this
-            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the prompt has "
-                           f"{len(prompt_ids)}", "prompt")
+        max_tokens = max_tokens or max(1, min(16, limit - len(prompt_ids)))
+        try:  # the one context rule (inference/step.py), before the vocabulary scan: it costs nothing
+            check_context(len(prompt_ids), max_tokens, limit, "", "max_tokens")
+        except ContextError as e:
+            raise ApiError(400, str(e), e.param.replace("max_new_tokens", "max_tokens")) from None
         outside = [t for t in prompt_ids if not 0 <= t < self.vocab]
         if outside:
             raise ApiError(400, f"token id {outside[0]} is outside the model's vocabulary ({self.vocab} ids)",
                            "prompt")
-        max_tokens = max_tokens or min(16, limit - len(prompt_ids))
-        if len(prompt_ids) + max_tokens > limit:
-            raise ApiError(400, f"this model's maximum context length is {limit} tokens; the request has "
-                           f"{len(prompt_ids)} prompt tokens and asks for {max_tokens} more", "max_tokens")
         return EngineRequest(prompt_ids, max_tokens, SamplingConfig(*body.safe_sampling()), body.seed,
                              body.stop_strings, on_event)
 

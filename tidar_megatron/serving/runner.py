@@ -4,8 +4,10 @@ Each sequence owns one cache row of `capacity` slots (max_model_len plus one dec
 `prefill` runs a new sequence's prompt (for TiDAR with one mask block after it: `TiDARLayout.for_prefill`);
 `decode` runs one pass for every given sequence at once, each with its own layout
 (`TiDARLayout.for_decoding` at its own prefix) and mask.  Both advance the sequences' decoding state
-(`scheduler.Sequence`: prefix, pending, draft_probs, generator, passes) and return, per sequence in the order
-given, the tokens the pass made final; stop rules and text are the output processor's.
+(`scheduler.Sequence`: prefix, pending, draft_probs, seed, passes) and return, per sequence in the order
+given, the tokens the pass made final; stop rules and text are the output processor's.  A pass calls the
+decoding core (inference/step.py) once for all its sequences, greedy and sampled alike (each with its own
+settings, seed and pass number as a row), and reads its results back with one host transfer.
 
 The contract the engine relies on: `prefill(seqs)` and `decode(seqs)` change nothing of a sequence but
 those five fields, and no cache slot before its prefix (a pass writes at and after it: scratch until
@@ -14,12 +16,14 @@ verified), so a call that raised can be run again, sequence by sequence, from `S
 
 from __future__ import annotations
 
+import secrets
 from typing import Callable
 
 import torch
 
-from tidar_megatron.inference.decoding import Decoder, first_token_and_drafts, verify_and_redraft
-from tidar_megatron.inference.sampling import select
+from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.inference.sampling import RowSampling, one_hot_distributions
+from tidar_megatron.inference.step import ar_step, new_tokens, prefill_select, tidar_step
 from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.serving.scheduler import Sequence
 
@@ -52,6 +56,7 @@ class Runner:
         return [self._prefill_one(seq) for seq in seqs]
 
     def _prefill_one(self, seq: Sequence) -> list[int]:
+        """One forward, one call of the decoding core (pass number 0), one host transfer."""
         request = seq.request
         prompt, n = request.prompt_ids, len(request.prompt_ids)
         if self.mode == "tidar":
@@ -60,20 +65,19 @@ class Runner:
         else:
             layout, tokens = TiDARLayout.causal(n), prompt
         logits = self._forward([seq.row], [tokens], [layout], [0])
-        generator = None
-        if not request.sampling.greedy:  # each sequence has its own sampler: seeded, or from entropy
-            generator = torch.Generator(self.device)
-            generator.manual_seed(request.seed) if request.seed is not None else generator.seed()
+        # Each sequence draws from its own stream: its seed's, or one from entropy.
+        seq.seed = request.seed if request.seed is not None else secrets.randbits(64)
+        sampling = RowSampling.of([request.sampling], [seq.seed], self.device)
+        counters = torch.zeros(1, dtype=torch.long, device=self.device)
         if self.mode == "tidar":
             first_block = logits[:, layout.full_block_rows[0].to(self.device)]
-            pending, probs = first_token_and_drafts(logits[:, n - 1], first_block, self.beta, request.sampling,
-                                                    generator)
-            probs = None if probs is None else probs[0]
+            result = prefill_select(logits[:, n - 1], first_block, self.beta, sampling, counters)
         else:
-            pending, probs = select(logits[:, n - 1], request.sampling, generator)[0][:, None], None
-        seq.prefix, seq.pending, seq.draft_probs, seq.generator, seq.passes = n, pending[0].tolist(), probs, \
-            generator, 1
-        return seq.pending[:1]
+            result = ar_step(logits[:, n - 1], sampling, counters)
+        _, new, seq.pending = new_tokens(None, result.packed.tolist()[0])
+        seq.draft_probs = None if result.draft_probs is None else result.draft_probs[0]
+        seq.prefix, seq.passes = n, 1
+        return new
 
     # --- decoding: one pass -----------------------------------------------------------------------------
     def decode(self, seqs: list[Sequence]) -> list[list[int]]:
@@ -87,6 +91,7 @@ class Runner:
         return result
 
     def _decode(self, seqs: list[Sequence]) -> list[list[int]]:
+        """One forward over every sequence's row, one call of the decoding core, one host transfer."""
         if self.mode == "tidar":
             layouts = [TiDARLayout.for_decoding(s.prefix, self.block) for s in seqs]
             tokens = [s.pending + self.masks for s in seqs]
@@ -94,29 +99,24 @@ class Runner:
             layouts = [TiDARLayout.causal(s.prefix + 1) for s in seqs]
             tokens = [s.pending for s in seqs]
         logits = self._forward([s.row for s in seqs], tokens, layouts, [s.prefix for s in seqs])
-        new: list[list[int]] = [[] for _ in seqs]
-        # Greedy sequences share one call (no sampler to keep apart); each sampled one draws from its own.
-        greedy = [i for i, s in enumerate(seqs) if s.generator is None]
-        groups = ([greedy] if greedy else []) + [[i] for i, s in enumerate(seqs) if s.generator is not None]
-        for group in groups:
-            first = seqs[group[0]]
-            sampling, generator = first.request.sampling, first.generator
-            if self.mode == "ar":
-                token, _ = select(logits[group, 0], sampling, generator)
-                for i, t in zip(group, token.tolist()):
-                    seq = seqs[i]
-                    seq.passes, seq.prefix, seq.pending = seq.passes + 1, seq.prefix + 1, [t]
-                    new[i] = [t]
-                continue
-            pending = torch.tensor([seqs[i].pending for i in group], device=self.device)
-            probs = None if first.draft_probs is None else first.draft_probs[None]
-            accepted, next_pending, draft_probs = verify_and_redraft(logits[group], pending, probs, self.groups,
-                                                                     self.beta, sampling, generator)
-            for k, (a, nxt) in enumerate(zip(accepted.tolist(), next_pending.tolist())):
-                seq = seqs[group[k]]
-                new[group[k]] = seq.pending[1:a] + nxt[:1]
-                seq.passes, seq.prefix, seq.pending = seq.passes + 1, seq.prefix + a, nxt
-                seq.draft_probs = None if draft_probs is None else draft_probs[k]
+        sampling = RowSampling.of([s.request.sampling for s in seqs], [s.seed for s in seqs], self.device)
+        counters = torch.tensor([s.passes for s in seqs], device=self.device)
+        if self.mode == "tidar":
+            pending = torch.tensor([s.pending for s in seqs], device=self.device)
+            probs = None
+            if not sampling.all_greedy:  # greedy sequences' drafts are certain: one-hot distributions
+                vocab = logits.shape[-1]
+                probs = torch.stack([s.draft_probs if s.draft_probs is not None
+                                     else one_hot_distributions(pending[i, 1:], vocab) for i, s in enumerate(seqs)])
+            result = tidar_step(logits, pending, probs, self.groups, self.beta, sampling, counters)
+        else:
+            result = ar_step(logits[:, 0], sampling, counters)
+        new: list[list[int]] = []
+        for i, (seq, row) in enumerate(zip(seqs, result.packed.tolist())):
+            accepted, tokens, seq.pending = new_tokens(seq.pending, row)
+            seq.passes, seq.prefix = seq.passes + 1, seq.prefix + accepted
+            seq.draft_probs = None if result.draft_probs is None else result.draft_probs[i]
+            new.append(tokens)
         return new
 
     def _forward(self, rows: list[int], tokens: list[list[int]], layouts: list[TiDARLayout], first: list[int]):

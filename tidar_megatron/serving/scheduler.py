@@ -48,20 +48,18 @@ class Sequence:
     prefix: int = 0                           # cache slots [0, prefix) hold the verified tokens
     pending: list[int] = field(default_factory=list)  # TiDAR: the pending block; AR: the last token
     draft_probs: torch.Tensor | None = None   # TiDAR sampling: the drafts' distributions [B - 1, V]
-    generator: torch.Generator | None = None
-    passes: int = 1                           # the prefill counts
+    seed: int = 0                             # its random stream (the request's seed, or from entropy)
+    passes: int = 1                           # the prefill counts; also the pass number its draws use
     output: SequenceOutput | None = None      # the output processor's state, made at the first output
 
     def snapshot(self) -> tuple:
-        """The decoding state, to rerun a pass that failed (a pass writes only scratch cache slots)."""
-        rng = None if self.generator is None else self.generator.get_state()
-        return self.prefix, list(self.pending), self.draft_probs, self.generator, rng, self.passes
+        """The decoding state, to rerun a pass that failed (a pass writes only scratch cache slots; its random
+        draws are a function of seed and pass number, so a rerun draws the same)."""
+        return self.prefix, list(self.pending), self.draft_probs, self.seed, self.passes
 
     def restore(self, state: tuple):
-        self.prefix, pending, self.draft_probs, self.generator, rng, self.passes = state
+        self.prefix, pending, self.draft_probs, self.seed, self.passes = state
         self.pending = list(pending)
-        if rng is not None:
-            self.generator.set_state(rng)
 
 
 class Scheduler:
