@@ -13,6 +13,7 @@ the model's vocabulary.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -27,14 +28,10 @@ from tidar_megatron.inference.model import Transformer
 from tidar_megatron.layout import TiDARLayout
 
 
-
-
 def read_documents(prefix: str, vocab_size: int, tokenizer: Tokenizer | None = None) -> list[np.ndarray]:
     """The documents of `prefix`.bin/.idx as int64 arrays, checked against the vocabulary, and, given the
     model's `tokenizer`, the pair checked whole and made by it (prefix_check.check_prefix); a prefix
     without a sidecar gets a note on stderr."""
-    import os
-
     for ext in (".bin", ".idx"):
         if not os.path.exists(prefix + ext):
             raise DataError(f"--data {prefix}: {prefix}{ext} not found; give the prefix of a .bin/.idx pair "
