@@ -14,6 +14,7 @@ from tidar_megatron.data.tokenizer import Tokenizer, train_sentencepiece
 from tidar_megatron.errors import TiDARError
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.sampling import SamplingConfig
+from tidar_megatron.inference import decoding as decoding_module
 from tidar_megatron.serving import runner as runner_module
 from tidar_megatron.serving.engine import Engine, QueueFull, Request
 from tidar_megatron.serving.output import IncrementalDetokenizer, OutputProcessor
@@ -186,7 +187,7 @@ def test_a_sequence_whose_step_raises_ends_alone(decoder, monkeypatch, mode):
     other sequences' state moved), one's prefill raises: those two end with "error", the others finish with
     the tokens each gives alone (greedy ones: Decoder.generate's)."""
     bad_step, bad_prefill = SamplingConfig(0.8), SamplingConfig(0.9)
-    real = {name: getattr(runner_module, name) for name in ("tidar_step", "prefill_select", "ar_step")}
+    real = {name: getattr(decoding_module, name) for name in ("tidar_step", "prefill_select", "ar_step")}
     prefilling = [False]
 
     def core(name):
@@ -201,17 +202,17 @@ def test_a_sequence_whose_step_raises_ends_alone(decoder, monkeypatch, mode):
             return real[name](*args)
         return call
 
-    def prefill_one(self, seq):
+    def prefill(self, seqs):
         prefilling[0] = True
         try:
-            return real_prefill_one(self, seq)
+            return real_prefill(self, seqs)
         finally:
             prefilling[0] = False
 
-    real_prefill_one = runner_module.Runner._prefill_one
-    monkeypatch.setattr(runner_module.Runner, "_prefill_one", prefill_one)
+    real_prefill = runner_module.Runner.prefill
+    monkeypatch.setattr(runner_module.Runner, "prefill", prefill)
     for name in real:
-        monkeypatch.setattr(runner_module, name, core(name))
+        monkeypatch.setattr(decoding_module, name, core(name))
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18, 19]]
     samplings = [SamplingConfig(), SamplingConfig(1.0), bad_step, bad_prefill, SamplingConfig()]
 
@@ -259,14 +260,14 @@ def test_on_loopback_one_request_whose_step_raises_fails_alone_among_streams(tmp
     tok = Tokenizer(str(tmp_path / "tokenizer.model"))
     tiny_hf_checkpoint(tmp_path, vocab_size=tok.vocab_size, tidar_mask_token_id=tok.mask_id,
                        tidar_draft_block_size=4, eos_token_id=None)
-    real = runner_module.tidar_step
+    real = decoding_module.tidar_step
 
     def step(logits, pending, draft_probs, groups, beta, sampling, counters):
         if bool((sampling.temperature == 0.123).any()):  # the batch holds the bad request's row
             raise FloatingPointError("probability tensor contains nan (simulated)")
         return real(logits, pending, draft_probs, groups, beta, sampling, counters)
 
-    monkeypatch.setattr(runner_module, "tidar_step", step)
+    monkeypatch.setattr(decoding_module, "tidar_step", step)
     prompts = ["def add(a, b):\n", "class Punkt:\n", "    größe = ", "print(f\"{x"]
     app, engine = build(tmp_path, mode="tidar", max_batch=4, max_model_len=96)
     with BackgroundServer(app, engine) as server:

@@ -34,7 +34,8 @@ from tidar_megatron.errors import TiDARError
 from tidar_megatron.inference.hf_checkpoint import load_hf_model
 from tidar_megatron.inference.model import Transformer
 from tidar_megatron.inference.sampling import RowSampling, SamplingConfig
-from tidar_megatron.inference.step import ar_step, check_context, clip_at_stop, new_tokens, prefill_select, tidar_step
+from tidar_megatron.inference.step import (PassResult, ar_step, check_context, clip_at_stop, new_tokens,
+                                           prefill_select, tidar_step)
 from tidar_megatron.layout import TiDARLayout
 
 MODES = ("tidar", "ar")
@@ -281,6 +282,46 @@ class Decoder:
         positions, slots, mask = (t.to(self.device) for t in pass_inputs(layouts, first_rows, width, num_keys))
         return model(ids, positions, mask, slots, num_keys, cache_rows=cache_rows)
 
+    def prefill(self, prompts: list[list[int]], mode: str, block: int, sampling: RowSampling, beta: float,
+                cache_rows: list[int] | None = None) -> PassResult:
+        """The prompts' forward (TiDAR: each with one mask block after it, `TiDARLayout.for_prefill`) and each
+        one's first token (TiDAR: and drafts): one forward, one call of the decoding core (pass number 0),
+        nothing read back.  `cache_rows`: as in `forward_pass`."""
+        b = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        rows = torch.arange(b, device=self.device)
+        counters = torch.zeros(b, dtype=torch.long, device=self.device)
+        if mode == "ar":
+            logits = self.forward_pass(self.padded(prompts), [TiDARLayout.causal(len(p)) for p in prompts],
+                                       [0] * b, cache_rows=cache_rows)
+            return ar_step(logits[rows, lengths - 1], sampling, counters)
+        layouts = [TiDARLayout.for_prefill(len(p), block) for p in prompts]
+        ids = self.padded([p + [self.mask_token_id] * block for p in prompts])
+        logits = self.forward_pass(ids, layouts, [0] * b, cache_rows=cache_rows)
+        first_block = logits[rows[:, None], torch.stack([l.full_block_rows[0] for l in layouts]).to(self.device)]
+        return prefill_select(logits[rows, lengths - 1], first_block, beta, sampling, counters)
+
+    def step(self, pending: torch.Tensor, prefixes: list[int], mode: str, block: int, sampling: RowSampling,
+             counters: torch.Tensor, draft_probs: torch.Tensor | None, beta: float,
+             cache_rows: list[int] | None = None, compiled: bool = True) -> PassResult:
+        """One decoding pass for every sequence: its pending block [b, B] (AR: [b, 1], the token to feed) at
+        positions prefixes[i]..; one forward (`compiled`: the compiled model, when there is one), one call of
+        the decoding core, nothing read back."""
+        if mode == "ar":
+            logits = self.forward_pass(pending, [TiDARLayout.causal(m + 1) for m in prefixes], prefixes,
+                                       step=compiled, cache_rows=cache_rows)
+            return ar_step(logits[:, 0], sampling, counters)
+        # A pass's rows relative to its first (the prefix only shifts them): the pending block, then block
+        # a - 1 for acceptance length a = 1..B, which starts right after the a kept tokens.
+        step_layout = TiDARLayout.for_decoding(0, block)
+        groups = step_layout.full_block_rows.to(self.device)                       # [B, B]
+        masks = torch.full((len(prefixes), step_layout.seq_len - step_layout.clean_len), self.mask_token_id,
+                           device=self.device)
+        layouts = [TiDARLayout.for_decoding(m, block) for m in prefixes]
+        logits = self.forward_pass(torch.cat([pending, masks], dim=1), layouts, prefixes, step=compiled,
+                                   cache_rows=cache_rows)
+        return tidar_step(logits, pending, draft_probs, groups, beta, sampling, counters)
+
     def _emit(self, stop, stats, tokens_per_row, started):
         """Applies the stop rule (finished rows get []); returns (final tokens per row, rows still generating)."""
         emitted = [stop.commit(i, t) for i, t in enumerate(tokens_per_row)]
@@ -294,31 +335,19 @@ class Decoder:
     def _tidar(self, prompts, sampling: RowSampling, stats, stop, block: int, beta: float):
         """State on the host (prefixes, pending blocks, read once per pass from the packed result) and on the
         device (pending blocks, draft distributions, the draw counters)."""
-        started, mask_id = time.perf_counter(), self.mask_token_id
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        rows = torch.arange(len(prompts), device=self.device)
-        prefill = [TiDARLayout.for_prefill(len(p), block) for p in prompts]
-        logits = self.forward_pass(self.padded([p + [mask_id] * block for p in prompts]), prefill, [0] * len(prompts))
-        first_block = logits[rows[:, None], torch.stack([l.full_block_rows[0] for l in prefill]).to(self.device)]
+        started = time.perf_counter()
+        result = self.prefill(prompts, "tidar", block, sampling, beta)
         counters = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
-        result = prefill_select(logits[rows, lengths - 1], first_block, beta, sampling, counters)
         pending, draft_probs = result.pending, result.draft_probs                 # [b, B], [b, B-1, V]
         host = [new_tokens(None, row) for row in result.packed.tolist()]
         prefix = [len(p) for p in prompts]                                          # prefix m
         stats.sequence_passes += len(prompts)
         emitted, active = self._emit(stop, stats, [new for _, new, _ in host], started)
         yield StreamStep(emitted, list(prefix), stats)
-        # A pass's rows relative to its first (the prefix only shifts them): the pending block, then block
-        # a - 1 for acceptance length a = 1..B, which starts right after the a kept tokens.
-        step_layout = TiDARLayout.for_decoding(0, block)
-        groups = step_layout.full_block_rows.to(self.device)                       # [B, B]
-        masks = torch.full((len(prompts), step_layout.seq_len - step_layout.clean_len), mask_id, device=self.device)
         while any(active):
             started = time.perf_counter()
             counters = counters + 1
-            layouts = [TiDARLayout.for_decoding(m, block) for m in prefix]
-            logits = self.forward_pass(torch.cat([pending, masks], dim=1), layouts, prefix, step=True)
-            result = tidar_step(logits, pending, draft_probs, groups, beta, sampling, counters)
+            result = self.step(pending, prefix, "tidar", block, sampling, counters, draft_probs, beta)
             host = [new_tokens(old, row) for (_, _, old), row in zip(host, result.packed.tolist())]
             for (a, _, _), generating in zip(host, active):
                 stats.acceptance_histogram[a - 1] += generating
@@ -335,12 +364,8 @@ class Decoder:
 
     def _ar(self, prompts, sampling: RowSampling, stats, stop):
         started = time.perf_counter()
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        rows = torch.arange(len(prompts), device=self.device)
-        logits = self.forward_pass(self.padded(prompts), [TiDARLayout.causal(len(p)) for p in prompts],
-                                   [0] * len(prompts))
+        result = self.prefill(prompts, "ar", 1, sampling, self.beta)
         counters = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
-        result = ar_step(logits[rows, lengths - 1], sampling, counters)
         token = result.pending                                                     # [b, 1]
         prefix = [len(p) for p in prompts]  # slot of the next token to feed
         stats.sequence_passes += len(prompts)
@@ -349,9 +374,7 @@ class Decoder:
         while any(active):
             started = time.perf_counter()
             counters = counters + 1
-            layouts = [TiDARLayout.causal(m + 1) for m in prefix]
-            logits = self.forward_pass(token, layouts, prefix, step=True)
-            result = ar_step(logits[:, 0], sampling, counters)
+            result = self.step(token, prefix, "ar", 1, sampling, counters, None, self.beta)
             stats.sequence_passes += sum(active)
             emitted, active = self._emit(stop, stats, [row[1:] for row in result.packed.tolist()], started)
             prefix = [m + 1 if live else m for m, live in zip(prefix, active)]
