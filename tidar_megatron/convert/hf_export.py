@@ -32,13 +32,13 @@ from tidar_megatron.convert.hf_import import check_output
 from tidar_megatron.convert.mapping import ConvertError, architecture, hf_files, megatron_to_hf
 from tidar_megatron.convert.process import in_fresh_process, single_rank_model
 from tidar_megatron.data.tokenizer import Tokenizer, TokenizerError
+from tidar_megatron.hf.config import DTYPES
 
 # megatron-core (seconds to import) and the training modules are imported inside the functions that run in
 # the spawned conversion process (process.py): `export --help` and the calling process stay light.
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_checkpoint(path: Path) -> Path:

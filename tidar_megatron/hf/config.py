@@ -23,6 +23,9 @@ import torch
 from tidar_megatron.errors import TiDARError
 from tidar_megatron.hf.rope import RopeError, read_rope
 
+# config.json's torch_dtype names, and the dtypes --dtype offers (export, generate, evaluate, serve, lm-eval).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # model_type -> transformers class; Mistral without a sliding window is Llama with another name.
 MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
                "mistral": "MistralForCausalLM"}

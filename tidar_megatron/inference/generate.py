@@ -18,12 +18,11 @@ import torch
 
 from tidar_megatron.console import entry_point
 from tidar_megatron.data.tokenizer import Tokenizer
-from tidar_megatron.hf.config import NOT_A_MODEL_DIR, HFCheckpointNotFound
+from tidar_megatron.hf.config import DTYPES, NOT_A_MODEL_DIR, HFCheckpointNotFound
 from tidar_megatron.inference.decoding import ATTENTION, MODES, Decoder, DecodingError
 from tidar_megatron.inference.sampling import SamplingConfig
 from tidar_megatron.inference.step import fit_context
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(name: str | None, device: str) -> torch.dtype:
