@@ -4,6 +4,7 @@ another revision's server (before / after), and the engine's overhead over the b
 
     python benchmarks/serve_throughput.py                                  # the toy model below, this tree
     python benchmarks/serve_throughput.py --baseline main                  # ... and main's server, interleaved
+    python benchmarks/serve_throughput.py --baseline main --temperature 0.8  # sampled requests (seed i)
     python benchmarks/serve_throughput.py --model <hf dir> --prompts prompts.txt --device cuda --baseline HEAD~3
     python benchmarks/serve_throughput.py --levels 1 4 --requests 4 --max-tokens 16 --train-steps 20  # quick
 
@@ -113,7 +114,7 @@ class ServerProcess:
             self.process.kill()
 
 
-def run_level(url: str, prompts, streams: int, requests: int, max_tokens: int) -> dict:
+def run_level(url: str, prompts, streams: int, requests: int, max_tokens: int, temperature: float = 0.0) -> dict:
     import openai
 
     latencies, tokens, errors, lock = [], [0], [], threading.Lock()
@@ -129,7 +130,7 @@ def run_level(url: str, prompts, streams: int, requests: int, max_tokens: int) -
             start = time.perf_counter()
             try:
                 stream = api.completions.create(model="m", prompt=prompts[i % len(prompts)], max_tokens=max_tokens,
-                                                temperature=0, stream=True)
+                                                temperature=temperature, seed=i, stream=True)
                 n = 0
                 for chunk in stream:
                     if chunk.usage is not None:
@@ -211,6 +212,7 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=["tidar", "ar"], choices=["tidar", "ar"])
     p.add_argument("--requests", type=int, default=16, help="requests per level (at least one per stream)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy requests; > 0: sampled, seed i")
     p.add_argument("--block-size", type=int, default=8, help="the toy model's draft block")
     p.add_argument("--train-steps", type=int, default=300, help="the toy model's training steps")
     p.add_argument("--overhead-batch", type=int, default=16, help="engine vs Decoder batch (0: skip)")
@@ -247,9 +249,10 @@ def main(argv=None) -> int:
     revision = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
     results = {"device": device, "model": str(model_dir), "revision": revision, "baseline": args.baseline,
-               "max_tokens": args.max_tokens, "levels": {}, "overhead": {}}
+               "max_tokens": args.max_tokens, "temperature": args.temperature, "levels": {}, "overhead": {}}
     print(f"device: {device}; model {model_dir}; this tree {revision}"
-          + (f", baseline {args.baseline}" if args.baseline else "") + f"; {args.max_tokens} tokens per request")
+          + (f", baseline {args.baseline}" if args.baseline else "")
+          + f"; {args.max_tokens} tokens per request, temperature {args.temperature}")
     print(f"{'streams':>7} {'server':>8} {'mode':>6} {'tok/s':>8} {'p50 s':>8} {'p99 s':>8} {'errors':>6}")
     try:
         for server in servers.values():
@@ -258,7 +261,8 @@ def main(argv=None) -> int:
         for streams in args.levels:
             level = results["levels"].setdefault(str(streams), {})
             for (tree, mode), server in servers.items():
-                row = run_level(server.url, prompts, streams, max(args.requests, streams), args.max_tokens)
+                row = run_level(server.url, prompts, streams, max(args.requests, streams), args.max_tokens,
+                                args.temperature)
                 level[f"{tree}/{mode}"] = row
                 print(f"{streams:>7} {tree:>8} {mode:>6} {row['tokens_per_s']:>8.1f} {row['latency_p50_s']:>8.2f} "
                       f"{row['latency_p99_s']:>8.2f} {row['errors']:>6}", flush=True)

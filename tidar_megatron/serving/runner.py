@@ -36,6 +36,7 @@ class Runner:
         self.block = decoder.block_size if mode == "tidar" else 1
         self.device = decoder.device
         self.on_forward = on_forward
+        self._rows: tuple | None = None  # (the batch's request ids and seeds, their RowSampling)
         # The cache slots one decoding pass writes from a sequence's prefix on (scratch until verified).
         self.pass_len = (TiDARLayout.for_decoding(0, self.block) if mode == "tidar" else TiDARLayout.causal(1)).seq_len
         self.capacity = max_model_len + self.pass_len  # cache slots per row
@@ -91,7 +92,12 @@ class Runner:
         return new
 
     def _sampling(self, seqs: list[Sequence]) -> RowSampling:
-        return RowSampling.of([s.request.sampling for s in seqs], [s.seed for s in seqs], self.device)
+        """The rows' settings and keys on the device; kept while the batch stays the same (most passes), as
+        building them costs a few host-to-device copies per pass."""
+        key = tuple((s.request.id, s.seed) for s in seqs)
+        if self._rows is None or self._rows[0] != key:
+            self._rows = key, RowSampling.of([s.request.sampling for s in seqs], [s.seed for s in seqs], self.device)
+        return self._rows[1]
 
     def _count_forward(self):
         if self.on_forward is not None:
