@@ -5,6 +5,7 @@ another revision's server (before / after), and the engine's overhead over the b
     python benchmarks/serve_throughput.py                                  # the toy model below, this tree
     python benchmarks/serve_throughput.py --baseline main                  # ... and main's server, interleaved
     python benchmarks/serve_throughput.py --baseline main --temperature 0.8  # sampled requests (seed i)
+    python benchmarks/serve_throughput.py --baseline main --block-by-load 16:4  # this TiDAR server's option
     python benchmarks/serve_throughput.py --model <hf dir> --prompts prompts.txt --device cuda --baseline HEAD~3
     python benchmarks/serve_throughput.py --levels 1 4 --requests 4 --max-tokens 16 --train-steps 20  # quick
 
@@ -80,13 +81,14 @@ def imported_from(tree: Path | None) -> str:
 class ServerProcess:
     """`tidar-megatron serve` in a subprocess, importing tidar_megatron from `tree` (None: this install)."""
 
-    def __init__(self, tree: Path | None, model_dir: Path, mode: str, max_batch: int, device: str, threads: int):
+    def __init__(self, tree: Path | None, model_dir: Path, mode: str, max_batch: int, device: str, threads: int,
+                 extra: list[str] = ()):
         from tidar_megatron.net import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = ["--model", str(model_dir), "--port", str(self.port), "--mode", mode, "--max-batch", str(max_batch),
-                "--max-model-len", "512", "--device", device]
+                "--max-model-len", "512", "--device", device, *extra]
         # cwd: not this repository, whose tidar_megatron a `-c` script would import first
         self.process = subprocess.Popen([sys.executable, "-c", SERVER, str(threads), *args], env=environment(tree),
                                         cwd=tempfile.gettempdir(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -213,6 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=16, help="requests per level (at least one per stream)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy requests; > 0: sampled, seed i")
+    p.add_argument("--block-by-load", help="this tree's TiDAR server gets `serve --block-by-load` (e.g. 16:4)")
     p.add_argument("--block-size", type=int, default=8, help="the toy model's draft block")
     p.add_argument("--train-steps", type=int, default=300, help="the toy model's training steps")
     p.add_argument("--overhead-batch", type=int, default=16, help="engine vs Decoder batch (0: skip)")
@@ -243,13 +246,16 @@ def main(argv=None) -> int:
         trees["baseline"] = checkout(args.baseline, work / "baseline")
     for tree, path in trees.items():
         print(f"{tree}: tidar_megatron from {imported_from(path)}")
-    servers = {(tree, mode): ServerProcess(path, model_dir, mode, max(args.levels), args.device, args.threads)
+    extra = {"this": ["--block-by-load", args.block_by_load] if args.block_by_load else []}
+    servers = {(tree, mode): ServerProcess(path, model_dir, mode, max(args.levels), args.device, args.threads,
+                                           extra.get(tree, []) if mode == "tidar" else [])
                for tree, path in trees.items() for mode in args.modes}
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} torch thread(s)"
     revision = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
     results = {"device": device, "model": str(model_dir), "revision": revision, "baseline": args.baseline,
-               "max_tokens": args.max_tokens, "temperature": args.temperature, "levels": {}, "overhead": {}}
+               "max_tokens": args.max_tokens, "temperature": args.temperature, "block_by_load": args.block_by_load,
+               "levels": {}, "overhead": {}}
     print(f"device: {device}; model {model_dir}; this tree {revision}"
           + (f", baseline {args.baseline}" if args.baseline else "")
           + f"; {args.max_tokens} tokens per request, temperature {args.temperature}")

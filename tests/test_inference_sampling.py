@@ -92,3 +92,18 @@ def test_tidar_sampling_keeps_the_ar_distribution(tmp_path, block_size, sampling
     assert_distributed_as(cells, expected)
     histogram = result.stats.acceptance_histogram
     assert histogram[0] > 0 and histogram[-1] > 0, histogram  # drafts were rejected and accepted
+
+
+def test_a_certain_proposal_keeps_the_target_distribution():
+    """A draft proposed with certainty (one-hot q: what a padded pending block holds when a pass's block grows,
+    serving.runner.fit_pending) is accepted with probability p(x) and otherwise replaced from p without x:
+    the emitted token still follows p."""
+    g = torch.Generator().manual_seed(1)
+    batch, vocab = 40000, 6
+    p = torch.softmax(2 * torch.randn(2, vocab, generator=g), -1)
+    fixed = int(p[0].argmin())  # the least likely token: most proposals are rejected
+    drafts = torch.full((batch, 1), fixed)
+    q = torch.zeros(batch, 1, vocab).index_fill_(-1, torch.tensor([fixed]), 1.0)
+    accepted, token = verify_drafts(p.log().expand(batch, -1, -1), drafts, q, SamplingConfig(temperature=1.0), g)
+    assert_distributed_as(torch.where(accepted > 1, drafts[:, 0], token), p[0])
+    assert {1, 2} <= set(accepted.tolist())

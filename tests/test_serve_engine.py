@@ -300,3 +300,37 @@ def test_on_loopback_one_request_whose_step_raises_fails_alone_among_streams(tmp
         assert not errors, errors
         assert [together[i] for i in range(len(prompts))] == alone
         assert engine.occupancy == 0 and not engine.waiting
+
+
+def test_a_smaller_block_under_load_leaves_greedy_output_unchanged(decoder, monkeypatch):
+    """--block-by-load 3:2: passes over three or more sequences use block 2, fewer the checkpoint's 4; as
+    requests arrive and finish the block shrinks and grows again (the pending drafts cut, or padded with
+    certain proposals), and every greedy output is still the AR model's."""
+    engine = Engine(decoder, None, "tidar", max_batch=4, max_model_len=64, block_by_load={3: 2})
+    blocks, block_for = [], engine.runner.block_for
+    monkeypatch.setattr(engine.runner, "block_for", lambda n: blocks.append(block_for(n)) or blocks[-1])
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18, 19]]
+    requests = [Request(p, 6 + 5 * i, SamplingConfig(0.9) if i == 2 else SamplingConfig(), seed=i)
+                for i, p in enumerate(prompts)]
+    events = {r.id: [] for r in requests}
+    for r in requests:
+        r.on_event = events[r.id].append
+    with torch.inference_mode():
+        for r in requests[:2]:
+            engine.submit(r)
+        for _ in range(2):
+            engine.step()
+        for r in requests[2:]:
+            engine.submit(r)
+        while any(not e or e[-1].finish_reason is None for e in events.values()):
+            engine.step()
+    assert blocks[:2] == [4, 4] and 2 in blocks and blocks[-1] == 4, blocks  # shrank under load, grew back
+    for i, r in enumerate(requests):
+        assert events[r.id][-1].finish_reason == "length" and len(tokens_of(events[r.id])) == r.max_tokens
+        if i != 2:  # the sampled one only has to finish; its distribution is the sampling tests' subject
+            assert tokens_of(events[r.id]) == decoder.generate(r.prompt_ids, r.max_tokens, mode="ar").tokens[0]
+
+
+def test_block_by_load_is_checked_against_the_checkpoint(decoder):
+    with pytest.raises(TiDARError, match="BLOCK in \\[2, 4\\]"):
+        Engine(decoder, None, "tidar", max_batch=2, max_model_len=64, block_by_load={8: 6})

@@ -3,14 +3,15 @@
 Three parts, as vLLM's EngineCore splits them, composed by `Engine.step`:
 
     scheduler.py  admission into the KV cache's `max_batch` rows, cancellation, a bounded waiting queue
-    runner.py     a pass's inputs, the forward, and the decoding core (prefill, one decoding pass)
+    runner.py     the Decoder's passes over the rows: prefill, one decoding pass (one core call each)
     output.py     stop rule, incremental detokenization, stop strings, usage, finishing
 
 A request waits until a row is free, is prefilled into it, and from then on takes part in every decoding
 pass with the other active sequences.  A sequence that finishes, or whose client goes away, frees its row
 before the next pass.  Everything a sequence's tokens depend on is its own: its cache row, its prefix, its
-pending block, its sampler (seeded per request, drawn from in the order `Decoder` draws at batch 1), so its
-output is what it would be decoded alone (under greedy decoding, token for token).
+pending block, its settings and random stream (the request's seed; pass k draws what `Decoder` draws at pass k
+with `seed=[s]`), so its output is what it would be decoded alone (token for token, sampled ones too, up to the
+float rounding of a batched forward).
 
 Faults stay with their sequence: a pass that raises is run again sequence by sequence from their snapshots,
 and only the sequences whose own pass still raises end, with finish_reason "error"; a failed prefill ends
@@ -38,15 +39,20 @@ __all__ = ["Engine", "Event", "QueueFull", "Request"]
 
 
 class Engine:
-    """Serves `decoder`'s model with its block size, beta and EOS ids; `metrics`: a serving.metrics.Metrics."""
+    """Serves `decoder`'s model with its block size, beta and EOS ids; `metrics`: a serving.metrics.Metrics.
+    `block_by_load` {active sequences: draft block}: passes over at least that many sequences use the smaller
+    block (as vLLM's --speculative-disable-by-batch-size: when the batch fills the hardware, every extra query
+    row costs compute); outputs do not change under greedy decoding, and sampled ones keep their distribution
+    (but a seeded request's tokens then depend on the load)."""
 
     def __init__(self, decoder: Decoder, tokenizer, mode: str = "tidar", max_batch: int = 8,
-                 max_model_len: int = 2048, metrics=None, max_waiting: int = 1024):
+                 max_model_len: int = 2048, metrics=None, max_waiting: int = 1024,
+                 block_by_load: dict[int, int] | None = None):
         self.decoder, self.model, self.tokenizer = decoder, decoder.model, tokenizer
         self.mode, self.max_batch, self.max_model_len = mode, max_batch, max_model_len
         self.metrics = metrics
         self.scheduler = Scheduler(max_batch, max_waiting)
-        self.runner = Runner(decoder, mode, max_batch, max_model_len, on_forward=self._forward_pass)
+        self.runner = Runner(decoder, mode, max_batch, max_model_len, self._forward_pass, block_by_load)
         self.output = OutputProcessor(tokenizer, decoder.eos_token_ids)
         self.block = self.runner.block
         self.thread: threading.Thread | None = None

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from tidar_megatron.errors import TiDARError
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.sampling import RowSampling, one_hot_distributions
 from tidar_megatron.inference.step import new_tokens
@@ -31,9 +32,10 @@ class Runner:
     """Runs `decoder`'s model with its block size and beta; `on_forward` is called before every forward."""
 
     def __init__(self, decoder: Decoder, mode: str, max_batch: int, max_model_len: int,
-                 on_forward: Callable[[], None] | None = None):
+                 on_forward: Callable[[], None] | None = None, block_by_load: dict[int, int] | None = None):
         self.decoder, self.model, self.mode, self.beta = decoder, decoder.model, mode, decoder.beta
         self.block = decoder.block_size if mode == "tidar" else 1
+        self.block_by_load = check_block_by_load(block_by_load or {}, self.block) if mode == "tidar" else {}
         self.device = decoder.device
         self.on_forward = on_forward
         self._rows: tuple | None = None  # (the batch's request ids and seeds, their RowSampling)
@@ -70,8 +72,17 @@ class Runner:
             result[i] = tokens
         return result
 
+    def block_for(self, active: int) -> int:
+        """The draft block of a pass over `active` sequences: the checkpoint's, or a smaller one under load
+        (`block_by_load`: from that many sequences on)."""
+        return next((b for n, b in sorted(self.block_by_load.items(), reverse=True) if active >= n), self.block)
+
     def _decode(self, seqs: list[Sequence]) -> list[list[int]]:
         sampling = self._sampling(seqs)
+        block = self.block_for(len(seqs))
+        if self.mode == "tidar":
+            for seq in seqs:
+                fit_pending(seq, block, self.model.args.vocab_size)
         pending = torch.tensor([s.pending for s in seqs], device=self.device)
         probs = None
         if self.mode == "tidar" and not sampling.all_greedy:  # greedy drafts are certain: one-hot distributions
@@ -81,7 +92,7 @@ class Runner:
         counters = torch.tensor([s.passes for s in seqs], device=self.device)
         self._count_forward()
         # Not the compiled model: the engine's batches change size from pass to pass.
-        result = self.decoder.step(pending, [s.prefix for s in seqs], self.mode, self.block, sampling, counters,
+        result = self.decoder.step(pending, [s.prefix for s in seqs], self.mode, block, sampling, counters,
                                    probs, self.beta, cache_rows=[s.row for s in seqs], compiled=False)
         new: list[list[int]] = []
         for i, (seq, row) in enumerate(zip(seqs, result.packed.tolist())):
@@ -102,3 +113,32 @@ class Runner:
     def _count_forward(self):
         if self.on_forward is not None:
             self.on_forward()
+
+
+def check_block_by_load(block_by_load: dict[int, int], block: int) -> dict[int, int]:
+    for active, smaller in block_by_load.items():
+        if active < 1 or not 2 <= smaller <= block:
+            raise TiDARError(f"--block-by-load {active}:{smaller}: give ACTIVE:BLOCK with ACTIVE >= 1 and BLOCK in "
+                             f"[2, {block}] (the checkpoint's draft block)")
+    return dict(block_by_load)
+
+
+def fit_pending(seq: Sequence, block: int, vocab: int):
+    """The sequence's pending block (its verified token and drafts) made `block` long for a pass of that block.
+
+    Fewer drafts: the first ones, with their distributions.  More: the last draft repeated, proposed with
+    certainty (a one-hot distribution).  Speculative sampling keeps the target distribution for any proposal,
+    a certain one included, and greedy verification keeps the AR argmax, so a pass's block may change from
+    pass to pass without changing what is decoded; only how many drafts are accepted.
+    """
+    have = len(seq.pending)
+    if have >= block:
+        seq.pending = seq.pending[:block]
+        if seq.draft_probs is not None:
+            seq.draft_probs = seq.draft_probs[:block - 1]
+        return
+    extra = [seq.pending[-1]] * (block - have)
+    if seq.draft_probs is not None:
+        certain = one_hot_distributions(torch.tensor(extra, device=seq.draft_probs.device), vocab)
+        seq.draft_probs = torch.cat([seq.draft_probs, certain])
+    seq.pending = seq.pending + extra

@@ -37,7 +37,8 @@ from tidar_megatron.serving.protocol import ServeLimits
 
 def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: float = 1.0, max_batch: int = 8,
           max_model_len: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-          served_name: str | None = None, limits: ServeLimits = ServeLimits(), api_key: str | None = None):
+          served_name: str | None = None, limits: ServeLimits = ServeLimits(), api_key: str | None = None,
+          block_by_load: dict[int, int] | None = None):
     """(FastAPI app, engine) for an exported directory; start the engine before serving (the app's
     `state.limits` also bound connections: serve it with `uvicorn_config`)."""
     model_dir = Path(model_dir)
@@ -55,7 +56,8 @@ def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: f
         tokenizer = load_tokenizer(model_dir)
     except TiDARError:
         tokenizer = None  # token-id prompts only
-    engine = Engine(decoder, tokenizer, mode, max_batch, max_model_len, max_waiting=limits.max_waiting)
+    engine = Engine(decoder, tokenizer, mode, max_batch, max_model_len, max_waiting=limits.max_waiting,
+                    block_by_load=block_by_load)
     engine.metrics = metrics = Metrics(engine.block)
     app = create_app(engine, tokenizer, served_name or model_dir.name, hf.chat_template, metrics, limits, api_key)
     return app, engine
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("tidar", "ar"), default="tidar")
     p.add_argument("--block-size", type=int, help="draft block size (default: the checkpoint's)")
     p.add_argument("--beta", type=float, default=1.0, help="1 = trust AR (lossless), 0 = trust the drafts")
+    p.add_argument("--block-by-load", type=block_by_load, default={}, metavar="N:B[,N:B]",
+                   help="passes over at least N sequences use draft block B (smaller: fewer query rows when the "
+                        "batch fills the hardware; greedy output unchanged), e.g. 16:4")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache rows)")
     p.add_argument("--max-model-len", type=int, help="prompt + completion tokens per request (default: "
                    "config.json's max_position_embeddings)")
@@ -131,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def block_by_load(text: str) -> dict[int, int]:
+    """'16:4,48:2' -> {16: 4, 48: 2} (argparse type; the runner checks the values against the checkpoint)."""
+    try:
+        return {int(n): int(b) for n, b in (part.split(":") for part in text.split(",") if part)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give ACTIVE:BLOCK pairs, e.g. 16:4 or 16:4,48:2") from None
+
+
 def limits_from(a: argparse.Namespace) -> ServeLimits:
     return ServeLimits(max_body_bytes=a.max_body_bytes, max_prompt_chars=a.max_prompt_chars,
                        max_stop_strings=a.max_stop_strings, max_stop_chars=a.max_stop_chars,
@@ -145,7 +158,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     dtype = resolve_dtype(a.dtype, a.device)
     app, engine = build(a.model, a.mode, a.block_size, a.beta, a.max_batch, a.max_model_len, a.device, dtype,
-                        a.served_model_name, limits_from(a), a.api_key or None)
+                        a.served_model_name, limits_from(a), a.api_key or None, a.block_by_load)
     engine.start()
     print(f"serving {a.model} ({a.mode}, block {engine.block}, {a.max_batch} rows of {engine.max_model_len} "
           f"tokens) on http://{a.host}:{a.port}/v1", flush=True)
