@@ -43,6 +43,8 @@ MEGATRON = ("megatron", "tidar_megatron.training", "tidar_megatron.model")  # me
 DELIBERATELY_LAZY = {
     "training/loop.py": (("torch",) + MEGATRON,
                          "`train --help` prints every field before torch / megatron-core load (tests/test_cli.py)"),
+    "data/prefix_check.py": (("megatron",), "megatron-core (seconds, and warnings about TE / Apex) loads when a "
+                                            "prefix is read, not when `evaluate` or `generate` start"),
     "data/tokenize_corpus.py": (("megatron",), "megatron-core's indexed_dataset (seconds) loads when .bin/.idx "
                                                "are written, not for `tokenize --help` or an input error"),
     "convert/hf_export.py": (MEGATRON, "the conversion runs in a spawned process (convert/process.py): the "

@@ -15,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from tidar_megatron.data import sidecar
 from tidar_megatron.data.tokenizer import Tokenizer
@@ -42,6 +42,11 @@ class PrefixInfo:
 
 
 def indexed_dataset(prefix: str):
+    # megatron-core loads here, not at import: `evaluate` and `generate` start without its seconds of import
+    # and its warnings about missing TE / Apex.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
     return IndexedDataset(prefix)
 
 
