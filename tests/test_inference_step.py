@@ -12,7 +12,7 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tidar_megatron.evaluation.evaluate import main as evaluate_main
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.generate import main as generate_main
-from tidar_megatron.inference.sampling import RowSampling, SamplingConfig, uniforms
+from tidar_megatron.inference.sampling import RowSampling, SamplingConfig, probabilities, uniforms
 from tidar_megatron.inference.step import ContextError, check_context, fit_context, new_tokens, tidar_step
 from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.serving.engine import Engine, Request
@@ -259,3 +259,14 @@ def test_any_integer_seed_is_a_stream(decoder):
         decoder.generate(prompt, 10, "tidar", sampling, seed=[5]).tokens
     assert decoder.generate(prompt, 10, "tidar", sampling, seed=[-1]).tokens == \
         decoder.generate(prompt, 10, "tidar", sampling, seed=[2 ** 64 - 1]).tokens
+
+
+def test_a_row_without_top_p_is_unchanged_by_a_companion_with_it():
+    """Per-row settings: a top_p = 1 row's distribution is exactly the one it has alone (float32's cumulative
+    sum reaches 1 before a long tail ends, so truncating every row would drop its tail)."""
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(2, 50000, generator=g)
+    alone = probabilities(logits[:1], RowSampling.of([SamplingConfig(1.0)], [0], "cpu"))
+    both = probabilities(logits, RowSampling.of([SamplingConfig(1.0), SamplingConfig(1.0, 0.5)], [0, 1], "cpu"))
+    assert torch.equal(both[0], alone[0]) and (both[0] > 0).all()
+    assert (both[1] == 0).any()  # the companion's nucleus is cut

@@ -16,7 +16,7 @@ from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.sampling import SamplingConfig
 from tidar_megatron.inference import decoding as decoding_module
 from tidar_megatron.serving import runner as runner_module
-from tidar_megatron.serving.engine import Engine, QueueFull, Request
+from tidar_megatron.serving.engine import Engine, EngineStopped, QueueFull, Request
 from tidar_megatron.serving.output import IncrementalDetokenizer, OutputProcessor
 from tidar_megatron.serving.scheduler import Sequence
 from tidar_megatron.testing import tiny_hf_checkpoint
@@ -334,3 +334,28 @@ def test_a_smaller_block_under_load_leaves_greedy_output_unchanged(decoder, monk
 def test_block_by_load_is_checked_against_the_checkpoint(decoder):
     with pytest.raises(TiDARError, match="BLOCK in \\[2, 4\\]"):
         Engine(decoder, None, "tidar", max_batch=2, max_model_len=64, block_by_load={8: 6})
+
+
+def test_a_stopped_engine_refuses_submits(decoder):
+    engine = Engine(decoder, None, "tidar", max_batch=2, max_model_len=64)
+    engine.start()
+    engine.stop()
+    with pytest.raises(EngineStopped, match="restart the server"):
+        engine.submit(Request([5, 6], 4))
+
+
+def test_prefills_past_the_token_budget_run_in_several_forwards(decoder):
+    """Five prompts with a budget of two at a time: three prefill forwards, outputs as the AR model's."""
+    engine = Engine(decoder, None, "tidar", max_batch=5, max_model_len=64)
+    engine.runner.prefill_tokens = 2 * (5 + engine.block)
+    forwards = []
+    engine.runner.on_forward = lambda: forwards.append(1)
+    requests = [Request(p, 6) for p in ([5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18, 19])]
+    with torch.inference_mode():
+        for r in requests:
+            engine.submit(r)
+        admitted = engine.scheduler.schedule()
+        first = engine.runner.prefill(admitted)
+    assert len(forwards) == 3
+    for seq, tokens in zip(admitted, first):
+        assert tokens == decoder.generate(seq.request.prompt_ids, 1, mode="ar").tokens[0]

@@ -311,3 +311,24 @@ def test_a_full_waiting_queue_answers_503_and_the_queued_request_is_still_served
         thread.join(timeout=60)
         assert waiting["answer"].status_code == 200, waiting["answer"].text
         assert waiting["answer"].json()["choices"][0]["text"] == reference(model_dir, PROMPTS[1], "tidar", 4)
+
+
+def test_a_connection_within_the_cap_is_served(model_dir):  # noqa: F811
+    """--max-connections 1: the one connection allowed gets answers (uvicorn's own limit would 503 it)."""
+    app, engine = build(model_dir, mode="tidar", max_batch=1, max_model_len=96,
+                        limits=ServeLimits(max_connections=1))
+    with BackgroundServer(app, engine) as running, httpx.Client(timeout=60) as one:
+        for _ in range(2):  # the same keep-alive connection, twice
+            answer = one.post(running.url + "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2})
+            assert answer.status_code == 200, answer.text
+
+
+def test_booleans_are_not_token_ids(server):
+    assert_openai_error(post(server, {"prompt": [5, 6, True], "max_tokens": 2}), 400, "prompt")
+
+
+def test_max_model_len_past_the_models_context_is_refused(model_dir):  # noqa: F811
+    from tidar_megatron.errors import TiDARError
+
+    with pytest.raises(TiDARError, match="past .* max_position_embeddings"):
+        build(model_dir, mode="tidar", max_model_len=10**6)

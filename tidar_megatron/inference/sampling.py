@@ -135,8 +135,10 @@ def probabilities(logits: torch.Tensor, sampling: RowSampling | SamplingConfig) 
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= _per_row(sampling.top_p, logits)
         drop[..., 0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
+        truncated = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        truncated = truncated / truncated.sum(-1, keepdim=True)
+        # Rows with top_p = 1 keep exactly what they get alone (float32 cumsum may reach 1 before the tail).
+        probs = torch.where(_per_row(sampling.top_p < 1, logits), truncated, probs)
     if sampling.any_greedy:
         one_hot = one_hot_distributions(logits.argmax(-1), logits.shape[-1])
         probs = torch.where(_per_row(sampling.greedy, logits), one_hot, probs)

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 
 from tidar_megatron.inference.sampling import SamplingConfig
 from tidar_megatron.inference.step import ContextError, check_context
-from tidar_megatron.serving.engine import Engine, Event, QueueFull
+from tidar_megatron.serving.engine import Engine, EngineStopped, Event, QueueFull
 from tidar_megatron.serving.engine import Request as EngineRequest
 from tidar_megatron.serving.protocol import (ApiError, ChatBody, CompletionBody, ServeLimits, error_body, parse,
                                              read_body)
@@ -151,7 +151,7 @@ class Api:
                                       lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         try:
             self.engine.submit(request)
-        except QueueFull as e:  # back-pressure: the client retries later (vLLM answers 503 too)
+        except (QueueFull, EngineStopped) as e:  # back-pressure (the client retries later), or no engine
             raise ApiError(503, str(e)) from None
         created, rid = int(time.time()), f"{'chatcmpl' if 'chat' in endpoint else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:

@@ -29,13 +29,12 @@ from typing import Callable
 
 import torch
 
-from tidar_megatron.errors import TiDARError
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.serving.output import Event, OutputProcessor
 from tidar_megatron.serving.runner import Runner
-from tidar_megatron.serving.scheduler import QueueFull, Request, Scheduler, Sequence
+from tidar_megatron.serving.scheduler import EngineStopped, QueueFull, Request, Scheduler, Sequence
 
-__all__ = ["Engine", "Event", "QueueFull", "Request"]
+__all__ = ["Engine", "EngineStopped", "Event", "QueueFull", "Request"]
 
 
 class Engine:
@@ -61,9 +60,8 @@ class Engine:
 
     # --- from any thread ------------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
-        """Queue a request; raises QueueFull when max_waiting requests already wait."""
-        if self.failed:
-            raise TiDARError(f"the serving engine stopped ({self.failed}): restart the server")
+        """Queue a request; raises QueueFull when max_waiting requests already wait, EngineStopped once the
+        engine has stopped or failed (checked under the scheduler's lock, so no request is left behind)."""
         return self.scheduler.submit(request)
 
     def cancel(self, request_id: int):
@@ -110,7 +108,7 @@ class Engine:
                     return
 
     def _end_all(self, reason: str):
-        for request in self.scheduler.drain():
+        for request in self.scheduler.drain(reason):
             self._send(request, Event([], "", "error", {"error": reason}))
 
     def step(self):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from tidar_megatron.inference.decoding import clip_at_stop
+from tidar_megatron.inference.step import clip_at_stop
 from tidar_megatron.serving.scheduler import Request, Sequence
 
 REPLACEMENT = "\ufffd"

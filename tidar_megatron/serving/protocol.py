@@ -13,18 +13,18 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from starlette.requests import Request
 
 from tidar_megatron.errors import TiDARError
 
-# Floors below which float32 sampling breaks: logits / 1e-39 overflow to inf (softmax gives NaN), and a
-# top_p of 1e-300 rounds to 0 (every token dropped).  The temperature floor is vLLM's (sampling_params.py
-# raises temperatures below 0.01 to 0.01).  A top_p of 1e-6 keeps only the most likely token for any
-# vocabulary under a million ids (its probability is at least 1 / V), as every smaller top_p does.
+# vLLM's temperature floor (sampling_params.py raises temperatures below 0.01 to 0.01); the sampler itself is
+# safe at any positive value (it shifts logits by their maximum and always keeps the most likely token), so
+# the floors only keep the served distribution what vLLM would serve.  A top_p of 1e-6 keeps only the most
+# likely token for any vocabulary under a million ids, as every smaller top_p does.
 MIN_TEMPERATURE = 1e-2
 MIN_TOP_P = 1e-6
-SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed accepts
+SEED_RANGE = (-2**63, 2**64 - 1)  # a 64-bit integer, signed or not (the sampler takes it modulo 2**64)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[StrictInt] | list[str]  # strict: `true` is not token 1
     echo: bool = False
     suffix: str | None = None
 

@@ -43,16 +43,32 @@ class Runner:
         self.pass_len = (TiDARLayout.for_decoding(0, self.block) if mode == "tidar" else TiDARLayout.causal(1)).seq_len
         self.capacity = max_model_len + self.pass_len  # cache slots per row
         decoder.model.setup_kv_cache(max_batch, self.capacity)
+        self.prefill_tokens = max(self.capacity, 8192)  # padded tokens of one prefill forward (one prompt fits)
 
     def out_of_room(self, seq: Sequence) -> bool:
         """True when the sequence's next pass would not fit its cache row."""
         return seq.prefix + self.pass_len > self.capacity
 
     def prefill(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Prefill the new sequences' prompts into their rows (one forward for all of them); returns each
-        one's first token ([t])."""
+        """Prefill the new sequences' prompts into their rows, shortest first, as few forwards as the token
+        budget allows (`prefill_tokens` padded tokens each: a batch of long prompts would otherwise build
+        masks and logits of batch x longest x ...); returns each one's first token ([t])."""
         for seq in seqs:  # each sequence draws from its own stream: its seed's, or one from entropy
             seq.seed = seq.request.seed if seq.request.seed is not None else secrets.randbits(64)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i].request.prompt_ids))
+        new: list[list[int]] = [[] for _ in seqs]
+        chunk: list[int] = []
+        for i in order + [None]:
+            width = len(seqs[i].request.prompt_ids) + self.block if i is not None else 0
+            if chunk and (i is None or (len(chunk) + 1) * width > self.prefill_tokens):
+                for j, tokens in zip(chunk, self._prefill([seqs[j] for j in chunk])):
+                    new[j] = tokens
+                chunk = []
+            if i is not None:
+                chunk.append(i)
+        return new
+
+    def _prefill(self, seqs: list[Sequence]) -> list[list[int]]:
         self._count_forward()
         result = self.decoder.prefill([s.request.prompt_ids for s in seqs], self.mode, self.block,
                                       self._sampling(seqs), self.beta, cache_rows=[s.row for s in seqs])

@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # output.py imports this module
     from tidar_megatron.serving.output import SequenceOutput
 
 
+class EngineStopped(TiDARError):
+    """The engine no longer takes requests (it stopped, or failed)."""
+
+
 class QueueFull(TiDARError):
     """The waiting queue is at max_waiting: the request was not taken (try again later)."""
 
@@ -71,11 +75,14 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Sequence] = {}
         self.cancelled: set[int] = set()
+        self.closed: str | None = None  # why submits are refused (drain)
         self.wake = threading.Condition()
 
     # --- from any thread ------------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
         with self.wake:
+            if self.closed:
+                raise EngineStopped(f"the serving engine stopped ({self.closed}): restart the server")
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"the engine's waiting queue is full ({self.max_waiting} requests, "
                                 f"--max-waiting): retry later")
@@ -116,9 +123,11 @@ class Scheduler:
         with self.wake:
             self._free(seq)
 
-    def drain(self) -> list[Request]:
-        """Every waiting and running request, removed (the engine is stopping)."""
+    def drain(self, reason: str) -> list[Request]:
+        """Every waiting and running request, removed; later submits raise EngineStopped (the engine is
+        stopping: nothing would serve them)."""
         with self.wake:
+            self.closed = reason
             requests = list(self.waiting) + [s.request for s in self.running.values()]
             self.waiting.clear()
             for seq in list(self.running.values()):

@@ -52,6 +52,9 @@ def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: f
     max_model_len = max_model_len or hf.max_position_embeddings or 2048
     if max_batch < 1 or max_model_len < 2:
         raise TiDARError("--max-batch must be >= 1 and --max-model-len >= 2")
+    if hf.max_position_embeddings and max_model_len > hf.max_position_embeddings:  # as vLLM refuses it
+        raise TiDARError(f"--max-model-len {max_model_len} is past {model_dir}'s max_position_embeddings "
+                         f"({hf.max_position_embeddings}): positions the model was not trained on; use at most that")
     try:
         tokenizer = load_tokenizer(model_dir)
     except TiDARError:
@@ -67,7 +70,9 @@ def uvicorn_config(app, host: str, port: int, log_level: str) -> uvicorn.Config:
     """uvicorn with the app's connection limits: header and keep-alive timeouts, a connection cap."""
     limits: ServeLimits = app.state.limits
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_keep_alive=limits.keep_alive_s,
-                          limit_concurrency=limits.max_connections,
+                          # the guard closes connections past the cap; uvicorn's own 503 would hit the
+                          # requests of connections within it once the cap is reached
+                          limit_concurrency=limits.max_connections + 1,
                           http=guarded_h11(limits.header_timeout_s, limits.max_connections))
 
 
