@@ -12,10 +12,12 @@ removes the temporaries the kill left).  An input that yields no document is an 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import gc
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -355,7 +357,7 @@ def _run_shards(chunks, prefixes, done, tokenizer, mask_token, text_key, on_erro
             consume(iter(map(_tokenize_chunk, todo)))
         else:
             with mp.get_context("fork").Pool(workers, _init_worker, init_args) as pool:
-                consume(_TimeoutIter(pool.imap(_tokenize_chunk, todo), log_interval))
+                consume(_BoundedResults(pool, _tokenize_chunk, todo, 2 * workers, log_interval))
                 pool.close()  # workers exit on their own: terminating them races the pool's refilling thread
                 pool.join()
         if counters[0]:  # the final figures, when there are any (no documents is an error of its own)
@@ -379,14 +381,29 @@ def _print_summary(total: dict, skipped: list[DocError], output_prefix: str, sho
               file=sys.stderr)
 
 
-class _TimeoutIter:
-    """Pool.imap results with a timeout, so the progress line keeps moving during long shards."""
+class _BoundedResults:
+    """`pool.imap(fn, items)` in order, with at most `window` tasks handed to the pool at a time and a timeout
+    per result (mp.TimeoutError, so the progress line keeps moving during long shards).
 
-    def __init__(self, it, timeout):
-        self.it, self.timeout = it, timeout
+    Bounded rather than imap's all-at-once: when a worker raises, leaving the `with Pool` terminates the pool,
+    and with thousands of small chunks queued the pool's task thread can be blocked writing to the workers'
+    pipe, which terminate() then waits for: the run hung instead of reporting the error (seen under load)."""
+
+    def __init__(self, pool, fn, items, window: int, timeout: float):
+        self.pool, self.fn, self.items, self.timeout = pool, fn, iter(items), timeout
+        self.pending = collections.deque(pool.apply_async(fn, (item,)) for item in itertools.islice(self.items, window))
+
+    def __iter__(self):
+        return self
 
     def __next__(self):
-        return self.it.next(timeout=self.timeout)
+        if not self.pending:
+            raise StopIteration
+        result = self.pending[0].get(timeout=self.timeout)
+        self.pending.popleft()
+        for item in itertools.islice(self.items, 1):
+            self.pending.append(self.pool.apply_async(self.fn, (item,)))
+        return result
 
 
 MEGATRON_TOKENIZERS = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "HuggingFaceTokenizer")
