@@ -254,3 +254,13 @@ def test_imports_inside_functions_are_optional_extras_or_deliberately_lazy():
         assert (PACKAGE / rel).exists(), f"DELIBERATELY_LAZY names {rel}, which is not on disk"
     found = function_level_imports()
     assert not found, "imports inside functions that belong at the top of their module:\n" + "\n".join(found)
+
+
+def test_every_subpackage_is_installed_by_a_wheel():
+    """pyproject.toml lists the packages a wheel (or a non-editable install) gets: a subpackage missing from
+    it imports in the checkout and fails everywhere else."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join((ROOT, *p.parent.relative_to(PACKAGE).parts)) for p in PACKAGE.rglob("__init__.py")}
+    assert on_disk - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {on_disk - listed}"
