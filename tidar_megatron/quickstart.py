@@ -28,7 +28,8 @@ from tidar_megatron.data.tokenizer import Tokenizer, train_sentencepiece
 
 PROMPT = "def fibonacci(n):\n    "
 HELDOUT_PROMPTS = 6       # prompts cut from held-out standard-library files
-PROMPT_TOKENS = 48
+PROMPT_TOKENS = 48        # tokens of each held-out prompt (at most half the context)
+NEW_TOKENS = 48           # tokens decoded after each (at most what the context leaves)
 
 
 def stdlib_sources(limit_mb: float, skip_mb: float = 0.0) -> list[str]:
@@ -156,9 +157,14 @@ def export_and_evaluate(out: Path, tok_path: Path, heldout: list[str], heldout_p
     documents = likelihood.read_documents(str(heldout_prefix), decoder.model.args.vocab_size)
     scored = likelihood.score(decoder.model, documents, seq_length, tidar_cfg.draft_block_size,
                               decoder.mask_token_id)
+    # Prompts and completions within the context the model was trained on (the one context rule refuses or
+    # clamps anything longer): 48 + 48 tokens at the default --seq-length 128, halves of a shorter one.
+    context = decoder.max_positions or seq_length
+    prompt_tokens = min(PROMPT_TOKENS, context // 2)
+    new_tokens = min(NEW_TOKENS, context - prompt_tokens)
     prompts = [generation.Prompt(ids) for ids in heldout_prompts(heldout, tokenizer, HELDOUT_PROMPTS,
-                                                                 PROMPT_TOKENS)]
-    report = generation.compare(decoder, prompts, tokenizer, 48, [tidar_cfg.draft_block_size])
+                                                                 prompt_tokens)]
+    report = generation.compare(decoder, prompts, tokenizer, new_tokens, [tidar_cfg.draft_block_size])
     tidar, ar = report["tidar"][tidar_cfg.draft_block_size], report["ar"]
     completion = report["samples"][0]["tidar"][tidar_cfg.draft_block_size]
     rep = tidar["repetition"]
@@ -168,7 +174,7 @@ def export_and_evaluate(out: Path, tok_path: Path, heldout: list[str], heldout_p
         "",
         f"Held-out perplexity (AR mode, {scored['tokens_scored']:,} tokens): {scored['ar_perplexity']:.1f}; "
         f"diffusion loss {scored['diff_loss']:.3f}",
-        f"Decoding {len(prompts)} held-out prompts, 48 new tokens each, batch 1 on this CPU:",
+        f"Decoding {len(prompts)} held-out prompts, {new_tokens} new tokens each, batch 1 on this CPU:",
         f"  TiDAR made {tidar['tokens_per_pass']:.2f} tokens per forward pass (AR makes 1); "
         f"{tidar['tokens_per_s']:.0f} tokens/s against AR's {ar['tokens_per_s']:.0f} ({tidar['speedup_vs_ar']:.2f}x).",
         f"  Greedy TiDAR output equals greedy AR output for {tidar['greedy_identical_fraction']:.0%} of the prompts "
