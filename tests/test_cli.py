@@ -150,3 +150,18 @@ def test_a_non_editable_install_outside_the_repository_finds_the_presets_and_tra
                 cwd=work, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (work / "run" / "iter_0000002").is_dir() and "step 2/2 loss" in proc.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly():
+    """`tidar-megatron generate ... | head -1`: the closed pipe ends the command with 141, no traceback."""
+    script = ("from tidar_megatron.console import entry_point\n"
+              "@entry_point('tidar-megatron generate')\n"
+              "def main(argv=None):\n"
+              "    while True:\n"
+              "        print('token ' * 1000, flush=True)\n"
+              "raise SystemExit(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does after its lines
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"Exception ignored" not in err, err

@@ -13,6 +13,7 @@ import builtins
 import functools
 import importlib.util
 import logging
+import os
 import sys
 import time
 import warnings
@@ -117,7 +118,7 @@ def error(prog: str, message: str) -> int:
 
 def entry_point(prog: str):
     """Decorates a subcommand's `main(argv) -> int`: logging and filters set up, a TiDARError printed as
-    `<prog>: error: <message>` with exit status 2, Ctrl-C as `<prog>: interrupted` with 130.  Any other
+    `<prog>: error: <message>` with exit status 2, Ctrl-C as `<prog>: interrupted` with 130, a closed stdout pipe (`| head`) quietly with 141.  Any other
     exception is a bug and keeps its traceback."""
 
     def wrap(fn):
@@ -131,6 +132,9 @@ def entry_point(prog: str):
             except KeyboardInterrupt:  # Ctrl-C where nothing is left to save (training saves first)
                 print(f"\n{prog}: interrupted", file=sys.stderr)
                 return 130
+            except BrokenPipeError:  # `... | head`: the reader has all it wanted, as for any Unix tool
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+                return 141
 
         return main
 
