@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tidar_megatron.inference.decoding import Decoder
-from tidar_megatron.inference.sampling import SamplingConfig, probabilities, verify_drafts
+from tidar_megatron.inference.sampling import RowSampling, SamplingConfig, probabilities, verify_drafts
 from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.testing import tiny_hf_checkpoint
 
@@ -37,6 +37,14 @@ def assert_distributed_as(samples: torch.Tensor, expected: torch.Tensor):
     assert statistic < critical, f"chi-square {statistic:.1f} >= {critical:.1f} with {dof} degrees of freedom"
 
 
+def verify_with(g: torch.Generator, target_logits, drafts, draft_probs, sampling: SamplingConfig):
+    """verify_drafts with one setting for every row and the uniforms drawn from `g`."""
+    b = len(drafts)
+    rows = RowSampling.of([sampling] * b, [0] * b, target_logits.device)
+    return verify_drafts(target_logits, drafts, draft_probs, rows, torch.rand(drafts.shape, generator=g),
+                         torch.rand(b, generator=g))
+
+
 def test_top_p_keeps_the_smallest_nucleus_and_renormalises():
     logits = torch.tensor([math.log(p) for p in (0.5, 0.3, 0.15, 0.05)])
     probs = probabilities(logits, SamplingConfig(temperature=1.0, top_p=0.75))
@@ -54,8 +62,8 @@ def test_verification_of_synthetic_drafts_emits_the_target_distribution():
     p = torch.softmax(2 * torch.randn(block, vocab, generator=g), -1)
     q = torch.softmax(2 * torch.randn(block - 1, vocab, generator=g), -1)
     drafts = torch.multinomial(q, batch, replacement=True, generator=g).T  # [batch, B - 1]
-    accepted, token = verify_drafts(p.log().expand(batch, -1, -1), drafts, q.expand(batch, -1, -1),
-                                    SamplingConfig(temperature=1.0), g)
+    accepted, token = verify_with(g, p.log().expand(batch, -1, -1), drafts, q.expand(batch, -1, -1),
+                                  SamplingConfig(temperature=1.0))
     first_emitted = torch.where(accepted > 1, drafts[:, 0], token)
     assert_distributed_as(first_emitted, p[0])
     # Both branches ran: drafts accepted, rejected, and whole blocks with a bonus token.
@@ -104,6 +112,6 @@ def test_a_certain_proposal_keeps_the_target_distribution():
     fixed = int(p[0].argmin())  # the least likely token: most proposals are rejected
     drafts = torch.full((batch, 1), fixed)
     q = torch.zeros(batch, 1, vocab).index_fill_(-1, torch.tensor([fixed]), 1.0)
-    accepted, token = verify_drafts(p.log().expand(batch, -1, -1), drafts, q, SamplingConfig(temperature=1.0), g)
+    accepted, token = verify_with(g, p.log().expand(batch, -1, -1), drafts, q, SamplingConfig(temperature=1.0))
     assert_distributed_as(torch.where(accepted > 1, drafts[:, 0], token), p[0])
     assert {1, 2} <= set(accepted.tolist())

@@ -171,6 +171,7 @@ class Decoder:
         # graphs replay fixed shapes); eager steps attend only to the keys a pass can see.
         self.attend_whole_cache = self.compiled
         self.checkpoint_config = None  # the HFConfig read by from_pretrained
+        self._step_tables: dict[int, tuple[torch.Tensor, int]] = {}  # block -> _step_rows
 
     @classmethod
     def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu", mask_token_id=None, block_size=None,
@@ -311,16 +312,21 @@ class Decoder:
             logits = self.forward_pass(pending, [TiDARLayout.causal(m + 1) for m in prefixes], prefixes,
                                        step=compiled, cache_rows=cache_rows)
             return ar_step(logits[:, 0], sampling, counters)
-        # A pass's rows relative to its first (the prefix only shifts them): the pending block, then block
-        # a - 1 for acceptance length a = 1..B, which starts right after the a kept tokens.
-        step_layout = TiDARLayout.for_decoding(0, block)
-        groups = step_layout.full_block_rows.to(self.device)                       # [B, B]
-        masks = torch.full((len(prefixes), step_layout.seq_len - step_layout.clean_len), self.mask_token_id,
-                           device=self.device)
+        groups, num_masks = self._step_rows(block)
+        masks = torch.full((len(prefixes), num_masks), self.mask_token_id, device=self.device)
         layouts = [TiDARLayout.for_decoding(m, block) for m in prefixes]
         logits = self.forward_pass(torch.cat([pending, masks], dim=1), layouts, prefixes, step=compiled,
                                    cache_rows=cache_rows)
         return tidar_step(logits, pending, draft_probs, groups, beta, sampling, counters)
+
+    def _step_rows(self, block: int) -> tuple[torch.Tensor, int]:
+        """A decoding pass's rows relative to its first (the prefix only shifts them): groups [B, B], the rows
+        of mask block a - 1 for acceptance length a = 1..B (it starts right after the a kept tokens), and the
+        number of mask tokens after the pending block.  Kept per block size: every pass needs them."""
+        if block not in self._step_tables:
+            layout = TiDARLayout.for_decoding(0, block)
+            self._step_tables[block] = layout.full_block_rows.to(self.device), layout.seq_len - layout.clean_len
+        return self._step_tables[block]
 
     def _emit(self, stop, stats, tokens_per_row, started):
         """Applies the stop rule (finished rows get []); returns (final tokens per row, rows still generating)."""

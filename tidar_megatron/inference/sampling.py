@@ -165,22 +165,15 @@ def select(logits: torch.Tensor, sampling: RowSampling, u: torch.Tensor | None):
     return draw(probs, u), probs
 
 
-def verify_drafts(target_logits, drafts, draft_probs, sampling: RowSampling | SamplingConfig, u_accept,
-                  u_token=None):
+def verify_drafts(target_logits, drafts, draft_probs, sampling: RowSampling, u_accept, u_token):
     """Accepts the longest agreeing prefix of the drafts and picks the token that follows it.
 
     target_logits [b, B, V]: logits at the pending tokens c_0..c_{B-1}; row i predicts the token after c_i.
     drafts [b, B-1]: c_1..c_{B-1}.  draft_probs [b, B-1, V]: the distributions they were drawn from (None
     when every row is greedy; one-hot for greedy rows).  u_accept [b, B-1], u_token [b]: the uniforms.
     Returns (accepted [b] = a, the number of pending tokens kept, 1..B; next_token [b]).
-    With one SamplingConfig for every row, `u_accept` may be a torch.Generator that the uniforms come from.
     """
     b, block, _ = target_logits.shape
-    if isinstance(sampling, SamplingConfig):
-        generator, device = u_accept, target_logits.device
-        sampling = RowSampling.of([sampling] * b, [0] * b, device)
-        u_accept = torch.rand(drafts.shape, generator=generator, device=device)
-        u_token = torch.rand(b, generator=generator, device=device)
     rows = torch.arange(b, device=target_logits.device)
     if sampling.all_greedy:
         choice = target_logits.argmax(-1)                    # [b, B]
