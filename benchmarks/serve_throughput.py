@@ -8,11 +8,14 @@ another revision's server (before / after), and the engine's overhead over the b
     python benchmarks/serve_throughput.py --baseline main --block-by-load 16:4  # this TiDAR server's option
     python benchmarks/serve_throughput.py --model <hf dir> --prompts prompts.txt --device cuda --baseline HEAD~3
     python benchmarks/serve_throughput.py --levels 1 4 --requests 4 --max-tokens 16 --train-steps 20  # quick
+    python benchmarks/serve_throughput.py --client openai                  # the real openai client per stream
 
 Every server runs in a subprocess of its own (`tidar-megatron serve`'s main), the baseline's from a copy of
 that revision (`git archive`) first on its PYTHONPATH.  Each level sends max(--requests, streams) streaming
-completions (greedy, --max-tokens each) from that many client threads at once through the real `openai`
-client on loopback; the servers' --max-batch is the largest level.  Levels run in order, and within a level
+completions (greedy, --max-tokens each), that many at once, on loopback: by default from one light asyncio
+client (httpx, only each stream's last chunk parsed), so that on a small machine the clients do not take the
+server's CPU; `--client openai` uses the real `openai` client, one per stream in a thread of its own.  The
+servers' --max-batch is the largest level.  Levels run in order, and within a level
 each server (this tree and the baseline, TiDAR and AR) in turn, so that a drift of the machine hits all alike.
 
 Engine overhead: the same --overhead-batch prompts decoded by `Decoder.generate` as one batch and by the
@@ -25,6 +28,7 @@ so that drafts are accepted.  Timings belong here, not in the tests.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -116,47 +120,95 @@ class ServerProcess:
             self.process.kill()
 
 
-def run_level(url: str, prompts, streams: int, requests: int, max_tokens: int, temperature: float = 0.0) -> dict:
+def run_level(url: str, prompts, streams: int, requests: int, max_tokens: int, temperature: float = 0.0,
+              client: str = "httpx") -> dict:
+    """`requests` streaming completions, `streams` at a time; aggregate tokens/s and latency percentiles.
+
+    client "httpx": one asyncio loop with one connection pool, each stream's lines read as they come and only
+    its last chunk parsed (the usage, or the error) -- about as light as a client gets in Python, so that on
+    a small machine the figure is the server's and not the clients'.  "openai": the real `openai` client in
+    a thread per stream (a new client per request, every chunk parsed into its models), as an application
+    would use it; on a 2-core machine its parsing takes about as much CPU as the server.
+    """
+    todo = list(range(requests))
+    latencies, tokens, errors = [], [0], []
+
+    def finished(start: float, n: int):
+        latencies.append(time.perf_counter() - start)
+        tokens[0] += n
+
+    start = time.perf_counter()
+    if client == "openai":
+        _openai_clients(url, prompts, streams, max_tokens, temperature, todo, finished, errors)
+    else:
+        asyncio.run(_httpx_clients(url, prompts, streams, max_tokens, temperature, todo, finished, errors))
+    wall = time.perf_counter() - start
+    latencies.sort() if latencies else latencies.append(float("nan"))
+    return {"streams": streams, "requests": requests, "client": client, "errors": len(errors),
+            "first_error": errors[:1], "tokens": tokens[0], "seconds": wall, "tokens_per_s": tokens[0] / wall,
+            "latency_p50_s": statistics.median(latencies),
+            "latency_p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]}
+
+
+async def _httpx_clients(url, prompts, streams, max_tokens, temperature, todo, finished, errors):
+    import httpx
+
+    limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as http:
+        async def one_stream():
+            while todo:  # one event loop: no lock needed
+                i = todo.pop()
+                start, last = time.perf_counter(), None
+                body = {"model": "m", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
+                        "temperature": temperature, "seed": i, "stream": True}
+                try:
+                    async with http.stream("POST", "/v1/completions", json=body) as response:
+                        if response.status_code != 200:
+                            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                        async for line in response.aiter_lines():
+                            if line.startswith("data: {"):
+                                last = line
+                    chunk = json.loads(last[len("data: "):])
+                    if "error" in chunk:
+                        raise RuntimeError(chunk["error"]["message"])
+                    finished(start, chunk["usage"]["completion_tokens"])
+                except Exception as e:  # counted and reported, the level goes on
+                    errors.append(f"{type(e).__name__}: {e}")
+
+        await asyncio.gather(*(one_stream() for _ in range(streams)))
+
+
+def _openai_clients(url, prompts, streams, max_tokens, temperature, todo, finished, errors):
     import openai
 
-    latencies, tokens, errors, lock = [], [0], [], threading.Lock()
-    todo = list(range(requests))
+    lock = threading.Lock()
 
-    def client():
+    def one_stream():
         api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
         while True:
             with lock:
                 if not todo:
                     return
                 i = todo.pop()
-            start = time.perf_counter()
+            start, n = time.perf_counter(), 0
             try:
                 stream = api.completions.create(model="m", prompt=prompts[i % len(prompts)], max_tokens=max_tokens,
                                                 temperature=temperature, seed=i, stream=True)
-                n = 0
                 for chunk in stream:
                     if chunk.usage is not None:
                         n = chunk.usage.completion_tokens
-            except Exception as e:  # counted and reported, the level goes on
+            except Exception as e:
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
                 continue
             with lock:
-                latencies.append(time.perf_counter() - start)
-                tokens[0] += n
+                finished(start, n)
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(streams)]
+    threads = [threading.Thread(target=one_stream) for _ in range(streams)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
-    latencies.sort() if latencies else latencies.append(float("nan"))
-    return {"streams": streams, "requests": requests, "errors": len(errors), "first_error": errors[:1],
-            "tokens": tokens[0], "seconds": wall, "tokens_per_s": tokens[0] / wall,
-            "latency_p50_s": statistics.median(latencies),
-            "latency_p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]}
 
 
 # --- the engine against the bare Decoder (run in a subprocess per tree: `--overhead-only`) -----------------
@@ -215,6 +267,8 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=16, help="requests per level (at least one per stream)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy requests; > 0: sampled, seed i")
+    p.add_argument("--client", choices=["httpx", "openai"], default="httpx",
+                   help="httpx: one light asyncio client (the server's figure); openai: a client per stream")
     p.add_argument("--block-by-load", help="this tree's TiDAR server gets `serve --block-by-load` (e.g. 16:4)")
     p.add_argument("--block-size", type=int, default=8, help="the toy model's draft block")
     p.add_argument("--train-steps", type=int, default=300, help="the toy model's training steps")
@@ -254,7 +308,8 @@ def main(argv=None) -> int:
     revision = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True).stdout.strip()
     results = {"device": device, "model": str(model_dir), "revision": revision, "baseline": args.baseline,
-               "max_tokens": args.max_tokens, "temperature": args.temperature, "block_by_load": args.block_by_load,
+               "max_tokens": args.max_tokens, "temperature": args.temperature, "client": args.client,
+               "block_by_load": args.block_by_load,
                "levels": {}, "overhead": {}}
     print(f"device: {device}; model {model_dir}; this tree {revision}"
           + (f", baseline {args.baseline}" if args.baseline else "")
@@ -263,12 +318,12 @@ def main(argv=None) -> int:
     try:
         for server in servers.values():
             server.wait_ready()
-            run_level(server.url, prompts, 1, 2, args.max_tokens)  # warm-up, not counted
+            run_level(server.url, prompts, 1, 2, args.max_tokens, client=args.client)  # warm-up, not counted
         for streams in args.levels:
             level = results["levels"].setdefault(str(streams), {})
             for (tree, mode), server in servers.items():
                 row = run_level(server.url, prompts, streams, max(args.requests, streams), args.max_tokens,
-                                args.temperature)
+                                args.temperature, args.client)
                 level[f"{tree}/{mode}"] = row
                 print(f"{streams:>7} {tree:>8} {mode:>6} {row['tokens_per_s']:>8.1f} {row['latency_p50_s']:>8.2f} "
                       f"{row['latency_p99_s']:>8.2f} {row['errors']:>6}", flush=True)

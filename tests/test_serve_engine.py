@@ -15,7 +15,9 @@ from tidar_megatron.errors import TiDARError
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.sampling import SamplingConfig
 from tidar_megatron.inference import decoding as decoding_module
+from tidar_megatron.layout import TiDARLayout
 from tidar_megatron.serving import runner as runner_module
+from tidar_megatron.serving.block_policy import AUTO_ROWS, BlockPolicy
 from tidar_megatron.serving.engine import Engine, EngineStopped, QueueFull, Request
 from tidar_megatron.serving.output import IncrementalDetokenizer, OutputProcessor
 from tidar_megatron.serving.scheduler import Sequence
@@ -306,7 +308,7 @@ def test_a_smaller_block_under_load_leaves_greedy_output_unchanged(decoder, monk
     """--block-by-load 3:2: passes over three or more sequences use block 2, fewer the checkpoint's 4; as
     requests arrive and finish the block shrinks and grows again (the pending drafts cut, or padded with
     certain proposals), and every greedy output is still the AR model's."""
-    engine = Engine(decoder, None, "tidar", max_batch=4, max_model_len=64, block_by_load={3: 2})
+    engine = Engine(decoder, None, "tidar", max_batch=4, max_model_len=64, block_policy=BlockPolicy.parse("3:2"))
     blocks, block_for = [], engine.runner.block_for
     monkeypatch.setattr(engine.runner, "block_for", lambda n: blocks.append(block_for(n)) or blocks[-1])
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18, 19]]
@@ -327,13 +329,61 @@ def test_a_smaller_block_under_load_leaves_greedy_output_unchanged(decoder, monk
     assert blocks[:2] == [4, 4] and 2 in blocks and blocks[-1] == 4, blocks  # shrank under load, grew back
     for i, r in enumerate(requests):
         assert events[r.id][-1].finish_reason == "length" and len(tokens_of(events[r.id])) == r.max_tokens
-        if i != 2:  # the sampled one only has to finish; its distribution is the sampling tests' subject
+        if i != 2:
             assert tokens_of(events[r.id]) == decoder.generate(r.prompt_ids, r.max_tokens, mode="ar").tokens[0]
+        else:  # seeded and sampled: it kept the checkpoint's block, so it drew what it draws alone
+            alone = decoder.generate(r.prompt_ids, r.max_tokens, sampling=r.sampling, seed=[r.seed])
+            assert tokens_of(events[r.id]) == alone.tokens[0]
+
+
+def test_the_auto_policy_takes_the_largest_block_whose_rows_fit():
+    """auto: the checkpoint's block for one sequence, else the largest block b with n x (the decoding
+    layout's rows at b) within the device's rows, at least 2, never larger under more load; a table and off
+    as given."""
+    for device, rows in AUTO_ROWS.items():
+        policy = BlockPolicy.parse("auto").for_checkpoint(8, device)
+        assert policy.rows == rows and str(policy) == f"auto:{rows}"
+        chosen = [policy.block(n, 8) for n in range(1, 300)]
+        assert chosen == sorted(chosen, reverse=True) and chosen[-1] == 2, chosen
+        assert chosen[0] == 8
+        for n, b in enumerate(chosen[1:], 2):
+            assert b == 2 or n * TiDARLayout.for_decoding(0, b).seq_len <= rows, (n, b)
+            assert b == 8 or n * TiDARLayout.for_decoding(0, b + 1).seq_len > rows, (n, b)
+    assert [BlockPolicy.parse("auto:40").block(n, 4) for n in (1, 2, 3, 4)] == [4, 4, 3, 2]
+    assert [BlockPolicy.parse("16:4,48:2").block(n, 8) for n in (15, 16, 47, 48, 500)] == [8, 4, 4, 2, 2]
+    assert BlockPolicy.parse("off").block(10 ** 6, 8) == 8
+    for bad in ("auto:0", "auto:x", "sometimes", "16:", "16", ""):
+        with pytest.raises(ValueError, match="--block-by-load"):
+            BlockPolicy.parse(bad)
+
+
+def test_seeded_sampled_requests_keep_the_block_while_the_others_shrink(decoder, monkeypatch):
+    """auto:12 on a block-4 checkpoint (20 rows a sequence): greedy and unseeded sampled requests decode with
+    block 2 among others (4 alone), a seeded sampled one keeps block 4 in a forward of its own in the same pass;
+    each greedy output is the AR model's and the seeded one's tokens are those it gets alone."""
+    engine = Engine(decoder, None, "tidar", max_batch=4, max_model_len=64, block_policy=BlockPolicy.parse("auto:12"))
+    passes, decode, forward = [], engine.runner.decode, engine.runner._decode  # passes: [(block, ids) per forward]
+    monkeypatch.setattr(engine.runner, "decode", lambda seqs: passes.append([]) or decode(seqs))
+    monkeypatch.setattr(engine.runner, "_decode", lambda seqs, block: passes[-1].append(
+        (block, {s.request.id for s in seqs})) or forward(seqs, block))
+    seeded = Request([9, 10, 11], 14, SamplingConfig(0.9), seed=7)
+    unseeded = Request([12, 13], 10, SamplingConfig(0.9))
+    greedy = [Request([5, 6, 7, 8], 12, seed=3), Request([14], 9)]
+    events = drive(engine, [seeded, unseeded, *greedy])
+    for p in passes:  # the policy's block for the whole pass's load (2 from two sequences on), 4 for the seeded
+        load = sum(len(ids) for _, ids in p)
+        assert all(block == (4 if seeded.id in ids or load == 1 else 2) for block, ids in p), passes
+    assert any(sorted(block for block, _ in p) == [2, 4] for p in passes), passes  # one pass, two forwards
+    alone = decoder.generate(seeded.prompt_ids, seeded.max_tokens, sampling=seeded.sampling, seed=[7])
+    assert tokens_of(events[seeded.id]) == alone.tokens[0]
+    for r in greedy:
+        assert tokens_of(events[r.id]) == decoder.generate(r.prompt_ids, r.max_tokens, mode="ar").tokens[0]
+    assert len(tokens_of(events[unseeded.id])) == unseeded.max_tokens
 
 
 def test_block_by_load_is_checked_against_the_checkpoint(decoder):
     with pytest.raises(TiDARError, match="BLOCK in \\[2, 4\\]"):
-        Engine(decoder, None, "tidar", max_batch=2, max_model_len=64, block_by_load={8: 6})
+        Engine(decoder, None, "tidar", max_batch=2, max_model_len=64, block_policy=BlockPolicy.parse("8:6"))
 
 
 def test_a_stopped_engine_refuses_submits(decoder):

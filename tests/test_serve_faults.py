@@ -289,6 +289,21 @@ def test_cli_flags_set_the_limits_and_the_key(monkeypatch):
         limits_from(build_parser().parse_args(["--model", "m", "--max-body-bytes", "0"]))
 
 
+def test_block_by_load_is_auto_unless_told(capsys):
+    from tidar_megatron.serving.block_policy import BlockPolicy
+    from tidar_megatron.serving.server import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["--model", "m"]).block_by_load == BlockPolicy("auto")
+    assert parse(["--model", "m", "--block-by-load", "off"]).block_by_load == BlockPolicy("off")
+    assert parse(["--model", "m", "--block-by-load", "auto:64"]).block_by_load == BlockPolicy("auto", 64)
+    assert parse(["--model", "m", "--block-by-load", "16:4,48:2"]).block_by_load.table == {16: 4, 48: 2}
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--model", "m", "--block-by-load", "always"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "--block-by-load 'always': give auto, auto:ROWS, off" in error
+
+
 def test_a_full_waiting_queue_answers_503_and_the_queued_request_is_still_served(model_dir):  # noqa: F811
     """Back-pressure (--max-waiting 1): with the engine held back, one request waits for a row and the next
     gets 503 at once; once the engine runs, the waiting one is served."""

@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from tidar_megatron.inference.decoding import Decoder
+from tidar_megatron.serving.block_policy import BlockPolicy
 from tidar_megatron.serving.output import Event, OutputProcessor
 from tidar_megatron.serving.runner import Runner
 from tidar_megatron.serving.scheduler import EngineStopped, QueueFull, Request, Scheduler, Sequence
@@ -39,19 +40,17 @@ __all__ = ["Engine", "EngineStopped", "Event", "QueueFull", "Request"]
 
 class Engine:
     """Serves `decoder`'s model with its block size, beta and EOS ids; `metrics`: a serving.metrics.Metrics.
-    `block_by_load` {active sequences: draft block}: passes over at least that many sequences use the smaller
-    block (as vLLM's --speculative-disable-by-batch-size: when the batch fills the hardware, every extra query
-    row costs compute); outputs do not change under greedy decoding, and sampled ones keep their distribution
-    (but a seeded request's tokens then depend on the load)."""
+    `block_policy`: the draft block of each pass by load (block_policy.py; the server's default is auto,
+    the engine's off)."""
 
     def __init__(self, decoder: Decoder, tokenizer, mode: str = "tidar", max_batch: int = 8,
                  max_model_len: int = 2048, metrics=None, max_waiting: int = 1024,
-                 block_by_load: dict[int, int] | None = None):
+                 block_policy: BlockPolicy = BlockPolicy("off")):
         self.decoder, self.model, self.tokenizer = decoder, decoder.model, tokenizer
         self.mode, self.max_batch, self.max_model_len = mode, max_batch, max_model_len
         self.metrics = metrics
         self.scheduler = Scheduler(max_batch, max_waiting)
-        self.runner = Runner(decoder, mode, max_batch, max_model_len, self._forward_pass, block_by_load)
+        self.runner = Runner(decoder, mode, max_batch, max_model_len, self._forward_pass, block_policy)
         self.output = OutputProcessor(tokenizer, decoder.eos_token_ids)
         self.block = self.runner.block
         self.thread: threading.Thread | None = None

@@ -2,11 +2,13 @@
 
 Each sequence owns one cache row of `capacity` slots (max_model_len plus one decoding pass of scratch).
 `prefill` runs new sequences' prompts and `decode` one pass for every given sequence at once, each at its own
-prefix, through the Decoder's `prefill` / `step` (the same passes `Decoder.stream` runs).  Both advance the sequences' decoding state
-(`scheduler.Sequence`: prefix, pending, draft_probs, seed, passes) and return, per sequence in the order
-given, the tokens the pass made final; stop rules and text are the output processor's.  A pass calls the
-decoding core (inference/step.py) once for all its sequences, greedy and sampled alike (each with its own
-settings, seed and pass number as a row), and reads its results back with one host transfer.
+prefix, through the Decoder's `prefill` / `step` (the same passes `Decoder.stream` runs).  Both advance the
+sequences' decoding state (`scheduler.Sequence`: prefix, pending, draft_probs, seed, passes) and return, per
+sequence in the order given, the tokens the pass made final; stop rules and text are the output processor's.
+A forward calls the decoding core (inference/step.py) once for all its sequences, greedy and sampled alike
+(each with its own settings, seed and pass number as a row), and reads its results back with one host
+transfer.  A pass is one forward, or two when seeded sampled sequences keep the checkpoint's draft block
+while the others take the smaller one the load calls for (block_policy.py).
 
 The contract the engine relies on: `prefill(seqs)` and `decode(seqs)` change nothing of a sequence but
 those five fields, and no cache slot before its prefix (a pass writes at and after it: scratch until
@@ -20,11 +22,11 @@ from typing import Callable
 
 import torch
 
-from tidar_megatron.errors import TiDARError
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.sampling import RowSampling, one_hot_distributions
 from tidar_megatron.inference.step import new_tokens
 from tidar_megatron.layout import TiDARLayout
+from tidar_megatron.serving.block_policy import BlockPolicy
 from tidar_megatron.serving.scheduler import Sequence
 
 
@@ -32,13 +34,14 @@ class Runner:
     """Runs `decoder`'s model with its block size and beta; `on_forward` is called before every forward."""
 
     def __init__(self, decoder: Decoder, mode: str, max_batch: int, max_model_len: int,
-                 on_forward: Callable[[], None] | None = None, block_by_load: dict[int, int] | None = None):
+                 on_forward: Callable[[], None] | None = None, block_policy: BlockPolicy = BlockPolicy("off")):
         self.decoder, self.model, self.mode, self.beta = decoder, decoder.model, mode, decoder.beta
         self.block = decoder.block_size if mode == "tidar" else 1
-        self.block_by_load = check_block_by_load(block_by_load or {}, self.block) if mode == "tidar" else {}
         self.device = decoder.device
+        self.policy = block_policy.for_checkpoint(self.block, self.device.type) if mode == "tidar" \
+            else BlockPolicy("off")
         self.on_forward = on_forward
-        self._rows: tuple | None = None  # (the batch's request ids and seeds, their RowSampling)
+        self._rows: dict[tuple, RowSampling] = {}  # the RowSampling of the last passes' batches
         # The cache slots one decoding pass writes from a sequence's prefix on (scratch until verified).
         self.pass_len = (TiDARLayout.for_decoding(0, self.block) if mode == "tidar" else TiDARLayout.causal(1)).seq_len
         self.capacity = max_model_len + self.pass_len  # cache slots per row
@@ -81,21 +84,27 @@ class Runner:
         return new
 
     def decode(self, seqs: list[Sequence]) -> list[list[int]]:
-        """One pass for every sequence; returns the tokens it made final for each (TiDAR: the a accepted)."""
-        order = sorted(range(len(seqs)), key=lambda i: seqs[i].row)  # rows in order need no gather
+        """One pass for every sequence; returns the tokens it made final for each (TiDAR: the a accepted).
+
+        The block comes from the policy (`block_policy.py`), except for seeded sampled sequences, which keep
+        the checkpoint's so that their tokens are the ones they get alone; when both kinds are in the batch
+        they run as two forwards, one per block."""
+        block = self.block_for(len(seqs))
+        blocks = [self.block if s.request.seed is not None and not s.request.sampling.greedy else block
+                  for s in seqs]
         result: list[list[int]] = [[] for _ in seqs]
-        for i, tokens in zip(order, self._decode([seqs[i] for i in order])):
-            result[i] = tokens
+        for b in sorted(set(blocks), reverse=True):
+            part = sorted((i for i in range(len(seqs)) if blocks[i] == b), key=lambda i: seqs[i].row)
+            for i, tokens in zip(part, self._decode([seqs[i] for i in part], b)):  # rows in order: no gather
+                result[i] = tokens
         return result
 
     def block_for(self, active: int) -> int:
-        """The draft block of a pass over `active` sequences: the checkpoint's, or a smaller one under load
-        (`block_by_load`: from that many sequences on)."""
-        return next((b for n, b in sorted(self.block_by_load.items(), reverse=True) if active >= n), self.block)
+        """The draft block of a pass over `active` sequences (the policy's; AR: 1)."""
+        return self.policy.block(active, self.block)
 
-    def _decode(self, seqs: list[Sequence]) -> list[list[int]]:
+    def _decode(self, seqs: list[Sequence], block: int) -> list[list[int]]:
         sampling = self._sampling(seqs)
-        block = self.block_for(len(seqs))
         if self.mode == "tidar":
             for seq in seqs:
                 fit_pending(seq, block, self.model.args.vocab_size)
@@ -122,21 +131,15 @@ class Runner:
         """The rows' settings and keys on the device; kept while the batch stays the same (most passes), as
         building them costs a few host-to-device copies per pass."""
         key = tuple((s.request.id, s.seed) for s in seqs)
-        if self._rows is None or self._rows[0] != key:
-            self._rows = key, RowSampling.of([s.request.sampling for s in seqs], [s.seed for s in seqs], self.device)
-        return self._rows[1]
+        if key not in self._rows:
+            if len(self._rows) >= 2:  # a pass has at most two batches (one per block)
+                self._rows.clear()
+            self._rows[key] = RowSampling.of([s.request.sampling for s in seqs], [s.seed for s in seqs], self.device)
+        return self._rows[key]
 
     def _count_forward(self):
         if self.on_forward is not None:
             self.on_forward()
-
-
-def check_block_by_load(block_by_load: dict[int, int], block: int) -> dict[int, int]:
-    for active, smaller in block_by_load.items():
-        if active < 1 or not 2 <= smaller <= block:
-            raise TiDARError(f"--block-by-load {active}:{smaller}: give ACTIVE:BLOCK with ACTIVE >= 1 and BLOCK in "
-                             f"[2, {block}] (the checkpoint's draft block)")
-    return dict(block_by_load)
 
 
 def fit_pending(seq: Sequence, block: int, vocab: int):

@@ -1,7 +1,8 @@
 """`tidar-megatron serve`: the OpenAI-compatible TiDAR server on an exported checkpoint.
 
     tidar-megatron serve --model <exported dir> [--host 127.0.0.1] [--port 8000] [--mode tidar|ar]
-        [--block-size N] [--beta B] [--max-batch N] [--max-model-len N] [--device ...] [--dtype ...]
+        [--block-size N] [--beta B] [--block-by-load auto[:ROWS]|off|N:B[,N:B]] [--max-batch N]
+        [--max-model-len N] [--device ...] [--dtype ...]
         [--api-key KEY] [--max-body-bytes N] [--max-prompt-chars N] [--max-stop-strings N] [--max-stop-chars N]
         [--header-timeout S] [--body-timeout S] [--keep-alive-timeout S] [--max-connections N]
 
@@ -30,6 +31,7 @@ from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.generate import DTYPES, load_tokenizer, resolve_dtype
 from tidar_megatron.net import free_port
 from tidar_megatron.serving.app import create_app
+from tidar_megatron.serving.block_policy import BlockPolicy
 from tidar_megatron.serving.engine import Engine
 from tidar_megatron.serving.metrics import Metrics
 from tidar_megatron.serving.protocol import ServeLimits
@@ -38,7 +40,7 @@ from tidar_megatron.serving.protocol import ServeLimits
 def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: float = 1.0, max_batch: int = 8,
           max_model_len: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
           served_name: str | None = None, limits: ServeLimits = ServeLimits(), api_key: str | None = None,
-          block_by_load: dict[int, int] | None = None):
+          block_policy: BlockPolicy = BlockPolicy("auto")):
     """(FastAPI app, engine) for an exported directory; start the engine before serving (the app's
     `state.limits` also bound connections: serve it with `uvicorn_config`)."""
     model_dir = Path(model_dir)
@@ -60,7 +62,7 @@ def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: f
     except TiDARError:
         tokenizer = None  # token-id prompts only
     engine = Engine(decoder, tokenizer, mode, max_batch, max_model_len, max_waiting=limits.max_waiting,
-                    block_by_load=block_by_load)
+                    block_policy=block_policy)
     engine.metrics = metrics = Metrics(engine.block)
     app = create_app(engine, tokenizer, served_name or model_dir.name, hf.chat_template, metrics, limits, api_key)
     return app, engine
@@ -111,9 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("tidar", "ar"), default="tidar")
     p.add_argument("--block-size", type=int, help="draft block size (default: the checkpoint's)")
     p.add_argument("--beta", type=float, default=1.0, help="1 = trust AR (lossless), 0 = trust the drafts")
-    p.add_argument("--block-by-load", type=block_by_load, default={}, metavar="N:B[,N:B]",
-                   help="passes over at least N sequences use draft block B (smaller: fewer query rows when the "
-                        "batch fills the hardware; greedy output unchanged), e.g. 16:4")
+    p.add_argument("--block-by-load", type=block_policy, default=BlockPolicy("auto"),
+                   metavar="auto[:ROWS] | off | N:B[,N:B]",
+                   help="the draft block of each pass by load (default auto: the largest block whose query rows, "
+                        "sequences x (B + B^2), fit ROWS: 256 on a GPU, 16 on a CPU); N:B: passes over at least N "
+                        "sequences use block B; off: the checkpoint's block.  Greedy output is unchanged; seeded "
+                        "sampled requests keep the checkpoint's block")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache rows)")
     p.add_argument("--max-model-len", type=int, help="prompt + completion tokens per request (default: "
                    "config.json's max_position_embeddings)")
@@ -141,12 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def block_by_load(text: str) -> dict[int, int]:
-    """'16:4,48:2' -> {16: 4, 48: 2} (argparse type; the runner checks the values against the checkpoint)."""
+def block_policy(text: str) -> BlockPolicy:
+    """argparse type (the runner checks a table's blocks against the checkpoint)."""
     try:
-        return {int(n): int(b) for n, b in (part.split(":") for part in text.split(",") if part)}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give ACTIVE:BLOCK pairs, e.g. 16:4 or 16:4,48:2") from None
+        return BlockPolicy.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def limits_from(a: argparse.Namespace) -> ServeLimits:
@@ -165,7 +170,8 @@ def main(argv=None) -> int:
     app, engine = build(a.model, a.mode, a.block_size, a.beta, a.max_batch, a.max_model_len, a.device, dtype,
                         a.served_model_name, limits_from(a), a.api_key or None, a.block_by_load)
     engine.start()
-    print(f"serving {a.model} ({a.mode}, block {engine.block}, {a.max_batch} rows of {engine.max_model_len} "
+    blocks = f", block by load {engine.runner.policy}" if a.mode == "tidar" else ""
+    print(f"serving {a.model} ({a.mode}, block {engine.block}{blocks}, {a.max_batch} rows of {engine.max_model_len} "
           f"tokens) on http://{a.host}:{a.port}/v1", flush=True)
     try:
         uvicorn.Server(uvicorn_config(app, a.host, a.port, "info")).run()
