@@ -16,7 +16,8 @@ completions (greedy, --max-tokens each), that many at once, on loopback: by defa
 client (httpx, only each stream's last chunk parsed), so that on a small machine the clients do not take the
 server's CPU; `--client openai` uses the real `openai` client, one per stream in a thread of its own.  The
 servers' --max-batch is the largest level.  Levels run in order, and within a level
-each server (this tree and the baseline, TiDAR and AR) in turn, so that a drift of the machine hits all alike.
+each server (this tree and the baseline, TiDAR and AR) in turn, so that a drift of the machine hits all alike;
+--repeats N runs that round N times and reports each server's median run (a 2-core VM drifts by 30% and more).
 
 Engine overhead: the same --overhead-batch prompts decoded by `Decoder.generate` as one batch and by the
 serving engine (no HTTP: `Engine.step` on one thread, max_batch = the batch, with the model's tokenizer when it
@@ -267,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=16, help="requests per level (at least one per stream)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy requests; > 0: sampled, seed i")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each level per server; the median is reported")
     p.add_argument("--client", choices=["httpx", "openai"], default="httpx",
                    help="httpx: one light asyncio client (the server's figure); openai: a client per stream")
     p.add_argument("--block-by-load", help="this tree's TiDAR server gets `serve --block-by-load` (e.g. 16:4)")
@@ -321,9 +323,14 @@ def main(argv=None) -> int:
             run_level(server.url, prompts, 1, 2, args.max_tokens, client=args.client)  # warm-up, not counted
         for streams in args.levels:
             level = results["levels"].setdefault(str(streams), {})
-            for (tree, mode), server in servers.items():
-                row = run_level(server.url, prompts, streams, max(args.requests, streams), args.max_tokens,
-                                args.temperature, args.client)
+            runs = {key: [] for key in servers}
+            for _ in range(args.repeats):  # the servers in turn, again and again: drifts hit all alike
+                for key, server in servers.items():
+                    runs[key].append(run_level(server.url, prompts, streams, max(args.requests, streams),
+                                               args.max_tokens, args.temperature, args.client))
+            for (tree, mode), rows in runs.items():
+                row = sorted(rows, key=lambda r: r["tokens_per_s"])[len(rows) // 2]  # the median run
+                row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in rows]
                 level[f"{tree}/{mode}"] = row
                 print(f"{streams:>7} {tree:>8} {mode:>6} {row['tokens_per_s']:>8.1f} {row['latency_p50_s']:>8.2f} "
                       f"{row['latency_p99_s']:>8.2f} {row['errors']:>6}", flush=True)

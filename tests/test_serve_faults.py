@@ -193,6 +193,23 @@ def test_framework_errors_are_openai_error_objects(server, method, path, body, s
     assert_openai_error(response, status)
 
 
+@pytest.mark.parametrize("raw", [
+    b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 20_000,  # unfinished past h11's 16 KiB
+    b"NOT A REQUEST\r\n\r\n",
+])
+def test_requests_the_http_parser_refuses_get_openai_error_objects(server, raw):
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(raw)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), head
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and "could not be parsed" in error["message"]
+
+
 def test_failures_are_server_errors_and_failed_streams_count_as_errors(server):
     engine = server.engine
     before = counts(server)

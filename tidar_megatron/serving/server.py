@@ -34,7 +34,7 @@ from tidar_megatron.serving.app import create_app
 from tidar_megatron.serving.block_policy import BlockPolicy
 from tidar_megatron.serving.engine import Engine
 from tidar_megatron.serving.metrics import Metrics
-from tidar_megatron.serving.protocol import ServeLimits
+from tidar_megatron.serving.protocol import ServeLimits, error_body
 
 
 def build(model_dir, mode: str = "tidar", block_size: int | None = None, beta: float = 1.0, max_batch: int = 8,
@@ -75,7 +75,7 @@ def uvicorn_config(app, host: str, port: int, log_level: str) -> uvicorn.Config:
                           # the guard closes connections past the cap; uvicorn's own 503 would hit the
                           # requests of connections within it once the cap is reached
                           limit_concurrency=limits.max_connections + 1,
-                          http=guarded_h11(limits.header_timeout_s, limits.max_connections))
+                          http=guarded_h11(limits.header_timeout_s, limits.max_connections, error_body))
 
 
 class BackgroundServer:
