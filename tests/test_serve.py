@@ -171,6 +171,10 @@ def test_metrics_parse_and_count_the_requests(model_dir):
     assert samples[("tidar_generation_tokens_total", ())] == sum(u["completion_tokens"] for u in usages)
     assert samples[("tidar_prompt_tokens_total", ())] == sum(u["prompt_tokens"] for u in usages)
     assert samples[("tidar_sequence_passes_total", ())] == sum(u["forward_passes"] for u in usages)
+    # one request at a time: each decoding pass (every pass but the prefill) at the checkpoint's block
+    by_block = {labels: value for (name, labels), value in samples.items()
+                if name == "tidar_sequence_passes_by_block_total"}
+    assert by_block == {(("block", str(engine.block)),): sum(u["forward_passes"] - 1 for u in usages)}
     assert samples[("tidar_request_latency_seconds_count", ())] == 3
     assert samples[("tidar_batch_occupancy", ())] == 0 and samples[("tidar_queue_length", ())] == 0
 

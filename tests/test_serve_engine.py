@@ -399,13 +399,13 @@ def test_prefills_past_the_token_budget_run_in_several_forwards(decoder):
     engine = Engine(decoder, None, "tidar", max_batch=5, max_model_len=64)
     engine.runner.prefill_tokens = 2 * (5 + engine.block)
     forwards = []
-    engine.runner.on_forward = lambda: forwards.append(1)
+    engine.runner.on_forward = lambda block, sequences: forwards.append(block)
     requests = [Request(p, 6) for p in ([5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18, 19])]
     with torch.inference_mode():
         for r in requests:
             engine.submit(r)
         admitted = engine.scheduler.schedule()
         first = engine.runner.prefill(admitted)
-    assert len(forwards) == 3
+    assert forwards == [None] * 3  # prefills
     for seq, tokens in zip(admitted, first):
         assert tokens == decoder.generate(seq.request.prompt_ids, 1, mode="ar").tokens[0]

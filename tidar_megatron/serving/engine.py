@@ -169,6 +169,6 @@ class Engine:
         except Exception:
             return False
 
-    def _forward_pass(self):
+    def _forward_pass(self, block: int | None, sequences: int):
         if self.metrics is not None:
-            self.metrics.forward_pass()
+            self.metrics.forward_pass(block if self.mode == "tidar" else None, sequences)

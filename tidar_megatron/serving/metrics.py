@@ -21,6 +21,8 @@ class Metrics:
         self.sequence_passes = Counter("tidar_sequence_passes", "forward passes summed over the sequences in "
                                        "them (finished requests); generation_tokens / this = tokens per pass",
                                        registry=r)
+        self.block_passes = Counter("tidar_sequence_passes_by_block", "TiDAR decoding passes of a sequence by "
+                                    "the draft block they used (serve --block-by-load)", ["block"], registry=r)
         self.accepted_tokens = Histogram("tidar_tokens_per_pass", "tokens a TiDAR decoding pass made final for "
                                          "a sequence", buckets=tuple(range(1, block_size + 1)), registry=r)
         self.batch_occupancy = Gauge("tidar_batch_occupancy", "KV-cache rows in use", registry=r)
@@ -31,8 +33,11 @@ class Metrics:
                                              buckets=LATENCY_BUCKETS, registry=r)
 
     # --- called by the engine (its thread) ------------------------------------------------------------
-    def forward_pass(self):
+    def forward_pass(self, block: int | None = None, sequences: int = 0):
+        """One forward; `block`: a TiDAR decoding forward's draft block, over `sequences` sequences."""
         self.forward_passes.inc()
+        if block is not None:
+            self.block_passes.labels(str(block)).inc(sequences)
 
     def accepted(self, tokens: int):
         self.accepted_tokens.observe(tokens)

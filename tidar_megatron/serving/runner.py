@@ -31,10 +31,11 @@ from tidar_megatron.serving.scheduler import Sequence
 
 
 class Runner:
-    """Runs `decoder`'s model with its block size and beta; `on_forward` is called before every forward."""
+    """Runs `decoder`'s model with its block size and beta; `on_forward(block, sequences)` is called before
+    every forward (block None for a prefill)."""
 
     def __init__(self, decoder: Decoder, mode: str, max_batch: int, max_model_len: int,
-                 on_forward: Callable[[], None] | None = None, block_policy: BlockPolicy = BlockPolicy("off")):
+                 on_forward: Callable[[int | None, int], None] | None = None, block_policy: BlockPolicy = BlockPolicy("off")):
         self.decoder, self.model, self.mode, self.beta = decoder, decoder.model, mode, decoder.beta
         self.block = decoder.block_size if mode == "tidar" else 1
         self.device = decoder.device
@@ -72,7 +73,7 @@ class Runner:
         return new
 
     def _prefill(self, seqs: list[Sequence]) -> list[list[int]]:
-        self._count_forward()
+        self._count_forward(None, len(seqs))
         result = self.decoder.prefill([s.request.prompt_ids for s in seqs], self.mode, self.block,
                                       self._sampling(seqs), self.beta, cache_rows=[s.row for s in seqs])
         new = []
@@ -115,7 +116,7 @@ class Runner:
             probs = torch.stack([s.draft_probs if s.draft_probs is not None
                                  else one_hot_distributions(pending[i, 1:], vocab) for i, s in enumerate(seqs)])
         counters = torch.tensor([s.passes for s in seqs], device=self.device)
-        self._count_forward()
+        self._count_forward(block, len(seqs))
         # Not the compiled model: the engine's batches change size from pass to pass.
         result = self.decoder.step(pending, [s.prefix for s in seqs], self.mode, block, sampling, counters,
                                    probs, self.beta, cache_rows=[s.row for s in seqs], compiled=False)
@@ -137,9 +138,9 @@ class Runner:
             self._rows[key] = RowSampling.of([s.request.sampling for s in seqs], [s.seed for s in seqs], self.device)
         return self._rows[key]
 
-    def _count_forward(self):
+    def _count_forward(self, block: int | None, sequences: int):
         if self.on_forward is not None:
-            self.on_forward()
+            self.on_forward(block, sequences)
 
 
 def fit_pending(seq: Sequence, block: int, vocab: int):
