@@ -65,6 +65,14 @@ def test_out_of_range_or_unsupported_parameters_get_400_naming_them(server, para
     assert raised.value.body["param"] == param and raised.value.body["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("prompt", [[1, 2, True], [1.5], {"ids": [1]}, [[1, 2]], None])
+def test_a_malformed_prompt_gets_400_naming_the_prompt(server, prompt):
+    response = post(server, {"prompt": prompt, "max_tokens": 3})
+    assert_openai_error(response, 400)
+    error = response.json()["error"]
+    assert error["param"] == "prompt" and "a list of token ids" in error["message"], error
+
+
 @pytest.mark.parametrize("seed", [2**64 - 1, -2**63])
 def test_seeds_at_the_ends_of_the_64_bit_range_are_served(server, seed):
     got = client(server).completions.create(model="m", prompt="x = ", max_tokens=3, temperature=1, seed=seed)
@@ -198,13 +206,7 @@ def test_framework_errors_are_openai_error_objects(server, method, path, body, s
     b"NOT A REQUEST\r\n\r\n",
 ])
 def test_requests_the_http_parser_refuses_get_openai_error_objects(server, raw):
-    port = int(server.url.rsplit(":", 1)[1])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(raw)
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
+    head, _, body = raw_request(server, raw).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), head
     error = json.loads(body)["error"]
     assert error["type"] == "invalid_request_error" and "could not be parsed" in error["message"]

@@ -192,8 +192,14 @@ def parse(model: type[_Body], raw: bytes, limits: ServeLimits) -> _Body:
         body = model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(p) for p in first.get("loc", ())) or None
-        raise ApiError(400, f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}", param) from None
+        loc = [str(p) for p in first.get("loc", ())]
+        if loc[:1] == ["prompt"]:  # a union: pydantic names the member it tried last, not what was wrong
+            raise ApiError(400, "prompt: give a string, a list of one string, or a list of token ids (integers)",
+                           "prompt") from None
+        where = ".".join(loc)
+        # OpenAI's `param` is the request's parameter; the message says where inside it
+        raise ApiError(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid value')}",
+                       loc[0] if loc else None) from None
     except RecursionError:
         raise ApiError(400, "the request body's JSON is nested too deeply") from None
     name = body.unsupported()
