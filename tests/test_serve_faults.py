@@ -4,6 +4,7 @@ connections that never finish their headers are closed and the server keeps acce
 errors are OpenAI's error object and 500s are `server_error` (streams that fail count as errors in
 /metrics); `--api-key` guards /v1/*; and one bad request among running streams leaves them unharmed."""
 
+import asyncio
 import json
 import socket
 import threading
@@ -210,6 +211,30 @@ def test_requests_the_http_parser_refuses_get_openai_error_objects(server, raw):
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), head
     error = json.loads(body)["error"]
     assert error["type"] == "invalid_request_error" and "could not be parsed" in error["message"]
+
+
+def test_a_stream_whose_client_left_before_it_started_frees_its_request(model_dir):  # noqa: F811
+    """The client goes away between the request and the first byte of the response (the stream's generator
+    never runs): the engine is told to drop the request, and /metrics counts a disconnect."""
+    app, engine = build(model_dir, mode="tidar", max_batch=1, max_model_len=96)  # engine not started: it waits
+    body = json.dumps({"prompt": "x = ", "max_tokens": 8, "stream": True}).encode()
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):  # as uvicorn's once the client is gone: nothing is sent, nothing is raised
+        await asyncio.sleep(0)  # a socket write gives way (here the stream is cancelled before it starts)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    asyncio.run(app(scope, receive, send))
+    assert [r.id for r in engine.waiting] == list(engine.scheduler.cancelled) and len(engine.waiting) == 1
+    metrics = text_string_to_metric_families(engine.metrics.render().decode())
+    assert {(s.labels["endpoint"], s.labels["status"]): s.value for f in metrics for s in f.samples
+            if s.name == "tidar_requests_total"} == {("/v1/completions", "disconnected"): 1.0}
 
 
 def test_failures_are_server_errors_and_failed_streams_count_as_errors(server):

@@ -64,6 +64,21 @@ def chat_final(rid: str, created: int, model: str, text: str, event: Event) -> d
                          "finish_reason": event.finish_reason}], "usage": event.usage}
 
 
+class EngineStream(StreamingResponse):
+    """Server-sent events whose `on_close` runs however the response ends: completed, cancelled by a client
+    that disconnected, or never started (the generator's own `finally` would not run then)."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
 class Api:
     """The handlers, over one engine; `create_app` routes to them."""
 
@@ -155,8 +170,9 @@ class Api:
             raise ApiError(503, str(e)) from None
         created, rid = int(time.time()), f"{'chatcmpl' if 'chat' in endpoint else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return StreamingResponse(self.stream(endpoint, request, events, rid, created, render_chunk),
-                                     media_type="text/event-stream")
+            state = {"done": False}
+            return EngineStream(self.stream(endpoint, events, rid, created, render_chunk, state),
+                                on_close=lambda: self.closed(endpoint, request, state))
         text, event = "", None
         try:
             while event is None or event.finish_reason is None:
@@ -170,26 +186,29 @@ class Api:
         self.count(endpoint, 200)
         return JSONResponse(render_final(rid, created, self.model_name, text, event))
 
-    async def stream(self, endpoint: str, request: EngineRequest, events: asyncio.Queue, rid: str, created: int,
-                     render_chunk):
+    async def stream(self, endpoint: str, events: asyncio.Queue, rid: str, created: int, render_chunk,
+                     state: dict):
         finished = False
-        try:
-            while not finished:
-                event = await events.get()
-                finished = event.finish_reason is not None
-                if event.finish_reason == "error":  # as vLLM: an error object in the stream, then [DONE]
-                    error = error_body(500, f"generation failed: {event.usage['error']}")
-                    self.count(endpoint, 500)
-                    yield f"data: {json.dumps(error)}\n\n"
-                    break
-                yield f"data: {json.dumps(render_chunk(rid, created, self.model_name, event))}\n\n"
-            else:
-                self.count(endpoint, 200)
-            yield "data: [DONE]\n\n"
-        finally:
-            if not finished:  # the client went away: free its row
-                self.engine.cancel(request.id)
-                self.count(endpoint, "disconnected")
+        while not finished:
+            event = await events.get()
+            finished = event.finish_reason is not None
+            if event.finish_reason == "error":  # as vLLM: an error object in the stream, then [DONE]
+                error = error_body(500, f"generation failed: {event.usage['error']}")
+                self.count(endpoint, 500)
+                yield f"data: {json.dumps(error)}\n\n"
+                break
+            yield f"data: {json.dumps(render_chunk(rid, created, self.model_name, event))}\n\n"
+        else:
+            self.count(endpoint, 200)
+        state["done"] = True
+        yield "data: [DONE]\n\n"
+
+    def closed(self, endpoint: str, request: EngineRequest, state: dict):
+        """A stream's response ended: when its request had not finished (the client went away, perhaps before
+        the stream started), the engine drops it and frees its row."""
+        if not state["done"]:
+            self.engine.cancel(request.id)
+            self.count(endpoint, "disconnected")
 
     # --- the rest ---------------------------------------------------------------------------------------
     async def models(self):
