@@ -6,9 +6,10 @@
 
 For each batch n and block b (1 = AR passes), n sequences are prefilled from the prompts and decoded greedily
 until they made --new-tokens each on average (rounds of that for --seconds) through `Decoder.prefill` /
-`Decoder.step`, the passes the server runs, each sequence at its own prefix in a KV-cache row of its own.  Prints tokens/s and tokens per pass per cell, then
-per batch the fastest TiDAR block and its query rows n x (b + b^2): `auto:ROWS` should let the fastest block
-through at each batch (ROWS at least those rows, below the next block's).  No HTTP: the server adds a fixed
+`Decoder.step`, the passes the server runs, each sequence at its own prefix in a KV-cache row of its own.
+Prints tokens/s and tokens per pass per cell, then per batch the fastest TiDAR block and its query rows
+n x (b + b^2): `auto:ROWS` should let the fastest block through at each batch (ROWS at least those rows,
+below the next block's).  No HTTP: the server adds a fixed
 cost per pass, which favours larger blocks at one or two streams (docs/benchmarks.md has both).
 """
 

@@ -35,7 +35,8 @@ class Runner:
     every forward (block None for a prefill)."""
 
     def __init__(self, decoder: Decoder, mode: str, max_batch: int, max_model_len: int,
-                 on_forward: Callable[[int | None, int], None] | None = None, block_policy: BlockPolicy = BlockPolicy("off")):
+                 on_forward: Callable[[int | None, int], None] | None = None,
+                 block_policy: BlockPolicy = BlockPolicy("off")):
         self.decoder, self.model, self.mode, self.beta = decoder, decoder.model, mode, decoder.beta
         self.block = decoder.block_size if mode == "tidar" else 1
         self.device = decoder.device
