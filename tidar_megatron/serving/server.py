@@ -4,7 +4,7 @@
         [--block-size N] [--beta B] [--block-by-load auto[:ROWS]|off|N:B[,N:B]] [--max-batch N]
         [--max-model-len N] [--device ...] [--dtype ...]
         [--api-key KEY] [--max-body-bytes N] [--max-prompt-chars N] [--max-stop-strings N] [--max-stop-chars N]
-        [--header-timeout S] [--body-timeout S] [--keep-alive-timeout S] [--max-connections N]
+        [--header-timeout S] [--body-timeout S] [--keep-alive-timeout S] [--max-connections N] [--max-waiting N]
 
 Use it to serve TiDAR decoding (several tokens per forward pass).  For plain AR serving of the same
 directory a general engine is the better choice (vLLM, SGLang: it loads as a Qwen / Llama model).
