@@ -42,7 +42,8 @@ def rate(decoder: Decoder, prompts: list[list[int]], n: int, block: int, new_tok
             pending, prefix = result.pending, [len(p) for p in batch]
             counters = torch.zeros(n, dtype=torch.long, device=decoder.device)
             made, start = 0, time.perf_counter()
-            while made < n * new_tokens:
+            room = decoder.model.model.layers[0].self_attn.kv_cache.k.shape[1] - pass_rows(max(block, 2))
+            while made < n * new_tokens and max(prefix) <= room:  # a fast row stops the round at its cache's end
                 counters = counters + 1
                 result = decoder.step(pending, prefix, mode, block, sampling, counters, None, 1.0, cache_rows=rows,
                                       compiled=False)
@@ -80,14 +81,14 @@ def main(argv=None) -> int:
         prompts = torch.randint(3, decoder.model.args.vocab_size - 1, (64, 16), generator=generator).tolist()
     full = decoder.block_size
     blocks = sorted(set(args.blocks or [1, 2, 3, 4, 6, full]))
-    decoder.model.setup_kv_cache(max(args.batches), 16 + 4 * args.new_tokens + pass_rows(full))
+    decoder.model.setup_kv_cache(max(args.batches), max(map(len, prompts)) + 4 * args.new_tokens + pass_rows(full))
     print(f"{model_dir} on {args.device}, {args.threads} CPU thread(s); tokens/s (tokens per pass), block 1 = AR")
     print("batch " + "".join(f"{'block ' + str(b):>18}" for b in blocks) + "   fastest TiDAR block: rows")
     for n in args.batches:
         cells = {b: rate(decoder, prompts, n, b, args.new_tokens, args.seconds) for b in blocks}
-        best = max((b for b in blocks if b > 1), key=lambda b: cells[b][0])
+        best = max((b for b in blocks if b > 1), key=lambda b: cells[b][0], default=None)
         print(f"{n:>5} " + "".join(f"{cells[b][0]:>10.0f} ({cells[b][1]:.2f})" for b in blocks)
-              + f"   {best}: {n * pass_rows(best)}", flush=True)
+              + (f"   {best}: {n * pass_rows(best)}" if best else ""), flush=True)
     return 0
 
 

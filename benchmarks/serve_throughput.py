@@ -17,7 +17,8 @@ client (httpx, only each stream's last chunk parsed), so that on a small machine
 server's CPU; `--client openai` uses the real `openai` client, one per stream in a thread of its own.  The
 servers' --max-batch is the largest level.  Levels run in order, and within a level
 each server (this tree and the baseline, TiDAR and AR) in turn, so that a drift of the machine hits all alike;
---repeats N runs that round N times and reports each server's median run (a 2-core VM drifts by 30% and more).
+--repeats N runs that round N times and reports each server's median run (the lower one for an even N; a
+2-core VM drifts by 30% and more) with the errors of all runs.
 
 Engine overhead: the same --overhead-batch prompts decoded by `Decoder.generate` as one batch and by the
 serving engine (no HTTP: `Engine.step` on one thread, max_batch = the batch, with the model's tokenizer when it
@@ -122,14 +123,15 @@ class ServerProcess:
 
 
 def run_level(url: str, prompts, streams: int, requests: int, max_tokens: int, temperature: float = 0.0,
-              client: str = "httpx") -> dict:
+              client: str = "httpx", seeded: bool = True) -> dict:
     """`requests` streaming completions, `streams` at a time; aggregate tokens/s and latency percentiles.
 
     client "httpx": one asyncio loop with one connection pool, each stream's lines read as they come and only
     its last chunk parsed (the usage, or the error) -- about as light as a client gets in Python, so that on
     a small machine the figure is the server's and not the clients'.  "openai": the real `openai` client in
     a thread per stream (a new client per request, every chunk parsed into its models), as an application
-    would use it; on a 2-core machine its parsing takes about as much CPU as the server.
+    would use it; on a 2-core machine its parsing takes about as much CPU as the server.  `seeded`: request i
+    sends seed i (a seeded sampled request decodes with the checkpoint's block under any --block-by-load).
     """
     todo = list(range(requests))
     latencies, tokens, errors = [], [0], []
@@ -140,9 +142,9 @@ def run_level(url: str, prompts, streams: int, requests: int, max_tokens: int, t
 
     start = time.perf_counter()
     if client == "openai":
-        _openai_clients(url, prompts, streams, max_tokens, temperature, todo, finished, errors)
+        _openai_clients(url, prompts, streams, max_tokens, temperature, seeded, todo, finished, errors)
     else:
-        asyncio.run(_httpx_clients(url, prompts, streams, max_tokens, temperature, todo, finished, errors))
+        asyncio.run(_httpx_clients(url, prompts, streams, max_tokens, temperature, seeded, todo, finished, errors))
     wall = time.perf_counter() - start
     latencies.sort() if latencies else latencies.append(float("nan"))
     return {"streams": streams, "requests": requests, "client": client, "errors": len(errors),
@@ -151,7 +153,7 @@ def run_level(url: str, prompts, streams: int, requests: int, max_tokens: int, t
             "latency_p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]}
 
 
-async def _httpx_clients(url, prompts, streams, max_tokens, temperature, todo, finished, errors):
+async def _httpx_clients(url, prompts, streams, max_tokens, temperature, seeded, todo, finished, errors):
     import httpx
 
     limits = httpx.Limits(max_connections=streams, max_keepalive_connections=streams)
@@ -161,7 +163,7 @@ async def _httpx_clients(url, prompts, streams, max_tokens, temperature, todo, f
                 i = todo.pop()
                 start, last = time.perf_counter(), None
                 body = {"model": "m", "prompt": prompts[i % len(prompts)], "max_tokens": max_tokens,
-                        "temperature": temperature, "seed": i, "stream": True}
+                        "temperature": temperature, "stream": True, **({"seed": i} if seeded else {})}
                 try:
                     async with http.stream("POST", "/v1/completions", json=body) as response:
                         if response.status_code != 200:
@@ -179,7 +181,7 @@ async def _httpx_clients(url, prompts, streams, max_tokens, temperature, todo, f
         await asyncio.gather(*(one_stream() for _ in range(streams)))
 
 
-def _openai_clients(url, prompts, streams, max_tokens, temperature, todo, finished, errors):
+def _openai_clients(url, prompts, streams, max_tokens, temperature, seeded, todo, finished, errors):
     import openai
 
     lock = threading.Lock()
@@ -194,7 +196,8 @@ def _openai_clients(url, prompts, streams, max_tokens, temperature, todo, finish
             start, n = time.perf_counter(), 0
             try:
                 stream = api.completions.create(model="m", prompt=prompts[i % len(prompts)], max_tokens=max_tokens,
-                                                temperature=temperature, seed=i, stream=True)
+                                                temperature=temperature, seed=i if seeded else None,
+                                                stream=True)
                 for chunk in stream:
                     if chunk.usage is not None:
                         n = chunk.usage.completion_tokens
@@ -268,6 +271,8 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=16, help="requests per level (at least one per stream)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy requests; > 0: sampled, seed i")
+    p.add_argument("--unseeded", action="store_true", help="send no seeds (seeded sampled requests keep the "
+                   "checkpoint's draft block under --block-by-load, so a seeded sampled level measures `off`)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each level per server; the median is reported")
     p.add_argument("--client", choices=["httpx", "openai"], default="httpx",
                    help="httpx: one light asyncio client (the server's figure); openai: a client per stream")
@@ -311,6 +316,7 @@ def main(argv=None) -> int:
                               text=True).stdout.strip()
     results = {"device": device, "model": str(model_dir), "revision": revision, "baseline": args.baseline,
                "max_tokens": args.max_tokens, "temperature": args.temperature, "client": args.client,
+               "seeded": not args.unseeded, "repeats": args.repeats,
                "block_by_load": args.block_by_load,
                "levels": {}, "overhead": {}}
     print(f"device: {device}; model {model_dir}; this tree {revision}"
@@ -327,10 +333,12 @@ def main(argv=None) -> int:
             for _ in range(args.repeats):  # the servers in turn, again and again: drifts hit all alike
                 for key, server in servers.items():
                     runs[key].append(run_level(server.url, prompts, streams, max(args.requests, streams),
-                                               args.max_tokens, args.temperature, args.client))
+                                               args.max_tokens, args.temperature, args.client, not args.unseeded))
             for (tree, mode), rows in runs.items():
-                row = sorted(rows, key=lambda r: r["tokens_per_s"])[len(rows) // 2]  # the median run
+                row = dict(sorted(rows, key=lambda r: r["tokens_per_s"])[(len(rows) - 1) // 2])  # the (lower) median
                 row["tokens_per_s_runs"] = [r["tokens_per_s"] for r in rows]
+                row["errors"] = sum(r["errors"] for r in rows)  # every run's, not only the median's
+                row["first_error"] = [e for r in rows for e in r["first_error"]][:1]
                 level[f"{tree}/{mode}"] = row
                 print(f"{streams:>7} {tree:>8} {mode:>6} {row['tokens_per_s']:>8.1f} {row['latency_p50_s']:>8.2f} "
                       f"{row['latency_p99_s']:>8.2f} {row['errors']:>6}", flush=True)

@@ -310,7 +310,7 @@ def test_a_smaller_block_under_load_leaves_greedy_output_unchanged(decoder, monk
     certain proposals), and every greedy output is still the AR model's."""
     engine = Engine(decoder, None, "tidar", max_batch=4, max_model_len=64, block_policy=BlockPolicy.parse("3:2"))
     blocks, block_for = [], engine.runner.block_for
-    monkeypatch.setattr(engine.runner, "block_for", lambda n: blocks.append(block_for(n)) or blocks[-1])
+    monkeypatch.setattr(engine.runner, "block_for", lambda *a: blocks.append(block_for(*a)) or blocks[-1])
     prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14], [15, 16, 17, 18, 19]]
     requests = [Request(p, 6 + 5 * i, SamplingConfig(0.9) if i == 2 else SamplingConfig(), seed=i)
                 for i, p in enumerate(prompts)]
@@ -352,7 +352,11 @@ def test_the_auto_policy_takes_the_largest_block_whose_rows_fit():
     assert [BlockPolicy.parse("auto:40").block(n, 4) for n in (1, 2, 3, 4)] == [4, 4, 3, 2]
     assert [BlockPolicy.parse("16:4,48:2").block(n, 8) for n in (15, 16, 47, 48, 500)] == [8, 4, 4, 2, 2]
     assert BlockPolicy.parse("off").block(10 ** 6, 8) == 8
-    for bad in ("auto:0", "auto:x", "sometimes", "16:", "16", ""):
+    # pinned (seeded sampled) sequences run at the full block and their rows count first: 128 - 72 = 56 rows
+    # for three sequences is block 3 (3 x 12), where four unpinned ones would get 5 (4 x 30 <= 128)
+    assert BlockPolicy("auto", 128).block(4, 8, pinned=1) == 3 and BlockPolicy("auto", 128).block(4, 8) == 5
+    assert BlockPolicy("auto", 128).block(3, 8, pinned=2) == 2  # nothing left: the smallest block
+    for bad in ("auto:0", "auto:x", "auto:", "sometimes", "16:", "16", "", "16:4,16:2", "16:4,"):
         with pytest.raises(ValueError, match="--block-by-load"):
             BlockPolicy.parse(bad)
 

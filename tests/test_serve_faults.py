@@ -74,6 +74,12 @@ def test_a_malformed_prompt_gets_400_naming_the_prompt(server, prompt):
     assert error["param"] == "prompt" and "a list of token ids" in error["message"], error
 
 
+def test_a_missing_prompt_gets_400_saying_so(server):
+    response = post(server, {"max_tokens": 3})
+    assert_openai_error(response, 400, "prompt")
+    assert response.json()["error"]["message"] == "prompt: Field required"
+
+
 @pytest.mark.parametrize("seed", [2**64 - 1, -2**63])
 def test_seeds_at_the_ends_of_the_64_bit_range_are_served(server, seed):
     got = client(server).completions.create(model="m", prompt="x = ", max_tokens=3, temperature=1, seed=seed)
@@ -90,7 +96,9 @@ def test_lone_surrogates_get_400_and_count_in_metrics(server, path, body, param)
     before = counts(server).get((path, "400"), 0)
     raw = json.dumps(body).encode()  # ensure_ascii: the lone surrogate travels as the escape "\ud800"
     assert b"\\ud" in raw
-    assert_openai_error(post(server, raw, path), 400, param)
+    response = post(server, raw, path)
+    assert_openai_error(response, 400, param)
+    assert "lone surrogate" in response.json()["error"]["message"]
     assert counts(server)[(path, "400")] == before + 1
 
 
@@ -210,31 +218,72 @@ def test_requests_the_http_parser_refuses_get_openai_error_objects(server, raw):
     head, _, body = raw_request(server, raw).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), head
     error = json.loads(body)["error"]
-    assert error["type"] == "invalid_request_error" and "could not be parsed" in error["message"]
+    assert error["type"] == "invalid_request_error" and "not a request HTTP/1.1 could parse" in error["message"]
 
 
-def test_a_stream_whose_client_left_before_it_started_frees_its_request(model_dir):  # noqa: F811
-    """The client goes away between the request and the first byte of the response (the stream's generator
-    never runs): the engine is told to drop the request, and /metrics counts a disconnect."""
-    app, engine = build(model_dir, mode="tidar", max_batch=1, max_model_len=96)  # engine not started: it waits
-    body = json.dumps({"prompt": "x = ", "max_tokens": 8, "stream": True}).encode()
-    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+def asgi_stream(app, send, receive_after_body) -> None:
+    """One streamed completion through the ASGI app directly, with the client's side given: `send` (what
+    the server writes) and `receive_after_body` (what the client does once its body is sent)."""
+    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 8, "stream": True}).encode()
+    sent = [False]
 
     async def receive():
-        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
-
-    async def send(message):  # as uvicorn's once the client is gone: nothing is sent, nothing is raised
-        await asyncio.sleep(0)  # a socket write gives way (here the stream is cancelled before it starts)
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive_after_body()
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
              "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000),
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
     asyncio.run(app(scope, receive, send))
+
+
+def outcomes(engine) -> dict:
+    return {(s.labels["endpoint"], s.labels["status"]): s.value
+            for f in text_string_to_metric_families(engine.metrics.render().decode()) for s in f.samples
+            if s.name == "tidar_requests_total"}
+
+
+def test_a_stream_whose_client_left_before_it_started_frees_its_request(model_dir):  # noqa: F811
+    """The client goes away between the request and the first byte of the response (the stream's generator
+    never runs): the engine is told to drop the request, and /metrics counts a disconnect."""
+    app, engine = build(model_dir, mode="tidar", max_batch=1, max_model_len=96)  # engine not started: it waits
+
+    async def gone():
+        return {"type": "http.disconnect"}
+
+    async def send(message):  # as uvicorn's once the client is gone: nothing is sent, nothing is raised
+        await asyncio.sleep(0)  # a socket write gives way (here the stream is cancelled before it starts)
+
+    asgi_stream(app, send, gone)
     assert [r.id for r in engine.waiting] == list(engine.scheduler.cancelled) and len(engine.waiting) == 1
-    metrics = text_string_to_metric_families(engine.metrics.render().decode())
-    assert {(s.labels["endpoint"], s.labels["status"]): s.value for f in metrics for s in f.samples
-            if s.name == "tidar_requests_total"} == {("/v1/completions", "disconnected"): 1.0}
+    assert outcomes(engine) == {("/v1/completions", "disconnected"): 1.0}
+
+
+def test_a_stream_that_fails_as_its_client_leaves_counts_once(model_dir, monkeypatch):  # noqa: F811
+    """The request fails (its error chunk is being written) and the client leaves meanwhile: one outcome in
+    /metrics, the 500, not also a disconnect."""
+    app, engine = build(model_dir, mode="tidar", max_batch=1, max_model_len=96)
+    monkeypatch.setattr(engine.runner, "decode", lambda seqs: (_ for _ in ()).throw(RuntimeError("simulated")))
+    left = asyncio.Event()
+
+    async def leaves():
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and b'"error"' in message.get("body", b""):
+            left.set()                # the client stops reading and leaves ...
+            await asyncio.sleep(0.2)  # ... while the write waits for the transport to drain
+
+    engine.start()
+    try:
+        asgi_stream(app, send, leaves)
+    finally:
+        engine.stop()
+    assert outcomes(engine) == {("/v1/completions", "500"): 1.0}
 
 
 def test_failures_are_server_errors_and_failed_streams_count_as_errors(server):

@@ -48,8 +48,8 @@ def guarded_h11(header_timeout_s: float, max_connections: int,
         def send_400_response(self, msg: str):
             if error_body is None:
                 return super().send_400_response(msg)
-            body = json.dumps(error_body(400, f"{msg} (the request line or headers could not be parsed, or "
-                                              "the headers are over 16 KiB)")).encode()
+            body = json.dumps(error_body(400, f"{msg} (not a request HTTP/1.1 could parse: its request line, "
+                                              "headers over 16 KiB, or its body's framing)")).encode()
             headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                        (b"connection", b"close")]
             for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),

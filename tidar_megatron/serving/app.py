@@ -170,7 +170,7 @@ class Api:
             raise ApiError(503, str(e)) from None
         created, rid = int(time.time()), f"{'chatcmpl' if 'chat' in endpoint else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            state = {"done": False}
+            state = {"finished": False, "counted": False}
             return EngineStream(self.stream(endpoint, events, rid, created, render_chunk, state),
                                 on_close=lambda: self.closed(endpoint, request, state))
         text, event = "", None
@@ -188,26 +188,29 @@ class Api:
 
     async def stream(self, endpoint: str, events: asyncio.Queue, rid: str, created: int, render_chunk,
                      state: dict):
-        finished = False
-        while not finished:
+        """The events as server-sent events; `state`: "finished" once the request's last event came (the
+        engine is done with it), "counted" once the outcome is in /metrics."""
+        while not state["finished"]:
             event = await events.get()
-            finished = event.finish_reason is not None
+            state["finished"] = event.finish_reason is not None
             if event.finish_reason == "error":  # as vLLM: an error object in the stream, then [DONE]
                 error = error_body(500, f"generation failed: {event.usage['error']}")
                 self.count(endpoint, 500)
+                state["counted"] = True
                 yield f"data: {json.dumps(error)}\n\n"
                 break
             yield f"data: {json.dumps(render_chunk(rid, created, self.model_name, event))}\n\n"
         else:
             self.count(endpoint, 200)
-        state["done"] = True
+            state["counted"] = True
         yield "data: [DONE]\n\n"
 
     def closed(self, endpoint: str, request: EngineRequest, state: dict):
-        """A stream's response ended: when its request had not finished (the client went away, perhaps before
-        the stream started), the engine drops it and frees its row."""
-        if not state["done"]:
+        """A stream's response ended.  When its request had not finished (the client went away, perhaps before
+        the stream started), the engine drops it and frees its row; an outcome not yet counted is a disconnect."""
+        if not state["finished"]:
             self.engine.cancel(request.id)
+        if not state["counted"]:
             self.count(endpoint, "disconnected")
 
     # --- the rest ---------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ change from pass to pass without changing what is decoded (`runner.fit_pending`)
   pass over n > 1 sequences the largest block b <= B with n * (b + b^2) <= ROWS, and at least 2.  ROWS is
   about where a pass turns compute-bound: 256 on a GPU (the roofline's FLOP per byte of bf16 weights is ~206
   on an H200 and ~156 on an A100; to be measured on a lent one), 128 on a CPU (measured through the server
-  on the 2-core VM of docs/benchmarks.md: 16 made one stream 0.8x slower than 128, at 4-64 streams 128 was
-  as fast or faster).
+  on the 2-core VM of docs/benchmarks.md: at 16 and 64 streams 128 was faster than 16).  Seeded sampled
+  sequences keep the checkpoint's block (below) and their rows count first.
 - `off`: the checkpoint's block at any load.
 - `N:B[,N:B...]`: passes over at least N sequences use block B (as vLLM's --speculative-disable-by-batch-size,
   graded).
@@ -46,20 +46,21 @@ class BlockPolicy:
     @classmethod
     def parse(cls, text: str) -> "BlockPolicy":
         """'auto', 'auto:512', 'off', '16:4,48:2' (an argparse type: ValueError on anything else)."""
-        kind, _, rows = text.partition(":")
-        if kind == "off" and not rows:
+        kind, colon, rows = text.partition(":")
+        if text == "off":
             return cls("off")
         if kind == "auto":
-            if rows and not (rows.isdigit() and int(rows) >= 1):
+            if colon and not (rows.isdigit() and int(rows) >= 1):
                 raise ValueError(f"--block-by-load {text!r}: auto:ROWS takes a positive number of query rows")
             return cls("auto", int(rows) if rows else None)
+        usage = f"--block-by-load {text!r}: give auto, auto:ROWS, off, or ACTIVE:BLOCK pairs (e.g. 16:4,48:2)"
         try:
-            table = {int(n): int(b) for n, b in (part.split(":") for part in text.split(",") if part)}
+            pairs = [(int(n), int(b)) for n, b in (part.split(":") for part in text.split(","))]
         except ValueError:
-            raise ValueError(f"--block-by-load {text!r}: give auto, auto:ROWS, off, or ACTIVE:BLOCK pairs "
-                             "(e.g. 16:4,48:2)") from None
-        if not table:
-            raise ValueError(f"--block-by-load {text!r}: give auto, auto:ROWS, off, or ACTIVE:BLOCK pairs")
+            raise ValueError(usage) from None
+        table = dict(pairs)
+        if len(table) < len(pairs):
+            raise ValueError(f"--block-by-load {text!r}: each ACTIVE once")
         return cls("table", table=table)
 
     def for_checkpoint(self, block: int, device_type: str) -> "BlockPolicy":
@@ -72,12 +73,14 @@ class BlockPolicy:
             return BlockPolicy("auto", AUTO_ROWS.get(device_type, AUTO_ROWS["cuda"]))
         return self
 
-    def block(self, active: int, full: int) -> int:
-        """The draft block of a pass over `active` sequences, for a checkpoint whose block is `full`."""
+    def block(self, active: int, full: int, pinned: int = 0) -> int:
+        """The draft block of a pass over `active` sequences, for a checkpoint whose block is `full`; `pinned`
+        of them decode with `full` whatever the policy (seeded sampled ones), and auto counts their rows."""
         if self.kind == "table":
             return next((b for n, b in sorted(self.table.items(), reverse=True) if active >= n), full)
         if self.kind == "auto" and active > 1:
-            return max([2] + [b for b in range(2, full + 1) if active * pass_rows(b) <= self.rows])
+            rows = self.rows - pinned * pass_rows(full)
+            return max([2] + [b for b in range(2, full + 1) if (active - pinned) * pass_rows(b) <= rows])
         return full
 
     def __str__(self) -> str:

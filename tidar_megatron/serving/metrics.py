@@ -22,7 +22,8 @@ class Metrics:
                                        "them (finished requests); generation_tokens / this = tokens per pass",
                                        registry=r)
         self.block_passes = Counter("tidar_sequence_passes_by_block", "TiDAR decoding passes of a sequence by "
-                                    "the draft block they used (serve --block-by-load)", ["block"], registry=r)
+                                    "the draft block they used (serve --block-by-load); prefills are not "
+                                    "counted, a pass that failed and ran again is", ["block"], registry=r)
         self.accepted_tokens = Histogram("tidar_tokens_per_pass", "tokens a TiDAR decoding pass made final for "
                                          "a sequence", buckets=tuple(range(1, block_size + 1)), registry=r)
         self.batch_occupancy = Gauge("tidar_batch_occupancy", "KV-cache rows in use", registry=r)

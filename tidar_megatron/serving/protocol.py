@@ -193,7 +193,8 @@ def parse(model: type[_Body], raw: bytes, limits: ServeLimits) -> _Body:
     except ValidationError as e:
         first = e.errors()[0]
         loc = [str(p) for p in first.get("loc", ())]
-        if loc[:1] == ["prompt"]:  # a union: pydantic names the member it tried last, not what was wrong
+        if loc[:1] == ["prompt"] and len(loc) > 1 and first["type"] != "value_error":
+            # a type error inside the union: pydantic names the member it tried last, not what was wrong
             raise ApiError(400, "prompt: give a string, a list of one string, or a list of token ids (integers)",
                            "prompt") from None
         where = ".".join(loc)

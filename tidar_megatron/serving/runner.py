@@ -91,9 +91,9 @@ class Runner:
         The block comes from the policy (`block_policy.py`), except for seeded sampled sequences, which keep
         the checkpoint's so that their tokens are the ones they get alone; when both kinds are in the batch
         they run as two forwards, one per block."""
-        block = self.block_for(len(seqs))
-        blocks = [self.block if s.request.seed is not None and not s.request.sampling.greedy else block
-                  for s in seqs]
+        pinned = [s.request.seed is not None and not s.request.sampling.greedy for s in seqs]
+        block = self.block_for(len(seqs), sum(pinned))
+        blocks = [self.block if p else block for p in pinned]
         result: list[list[int]] = [[] for _ in seqs]
         for b in sorted(set(blocks), reverse=True):
             part = sorted((i for i in range(len(seqs)) if blocks[i] == b), key=lambda i: seqs[i].row)
@@ -101,9 +101,10 @@ class Runner:
                 result[i] = tokens
         return result
 
-    def block_for(self, active: int) -> int:
-        """The draft block of a pass over `active` sequences (the policy's; AR: 1)."""
-        return self.policy.block(active, self.block)
+    def block_for(self, active: int, pinned: int = 0) -> int:
+        """The draft block of a pass over `active` sequences, `pinned` of them at the checkpoint's (the
+        policy's; AR: 1)."""
+        return self.policy.block(active, self.block, pinned)
 
     def _decode(self, seqs: list[Sequence], block: int) -> list[list[int]]:
         sampling = self._sampling(seqs)

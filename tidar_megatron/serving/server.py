@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-by-load", type=block_policy, default=BlockPolicy("auto"),
                    metavar="auto[:ROWS] | off | N:B[,N:B]",
                    help="the draft block of each pass by load (default auto: the largest block whose query rows, "
-                        "sequences x (B + B^2), fit ROWS: 256 on a GPU, 16 on a CPU); N:B: passes over at least N "
+                        "sequences x (B + B^2), fit ROWS: 256 on a GPU, 128 on a CPU); N:B: passes over at least N "
                         "sequences use block B; off: the checkpoint's block.  Greedy output is unchanged; seeded "
                         "sampled requests keep the checkpoint's block")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (KV-cache rows)")
