@@ -175,6 +175,9 @@ def test_metrics_parse_and_count_the_requests(model_dir):
     by_block = {labels: value for (name, labels), value in samples.items()
                 if name == "tidar_sequence_passes_by_block_total"}
     assert by_block == {(("block", str(engine.block)),): sum(u["forward_passes"] - 1 for u in usages)}
+    # the tokens each decoding pass gave its request (the prefill gives the first one), after max_tokens
+    assert samples[("tidar_tokens_per_pass_count", ())] == sum(u["forward_passes"] - 1 for u in usages)
+    assert samples[("tidar_tokens_per_pass_sum", ())] == sum(u["completion_tokens"] - 1 for u in usages)
     assert samples[("tidar_request_latency_seconds_count", ())] == 3
     assert samples[("tidar_batch_occupancy", ())] == 0 and samples[("tidar_queue_length", ())] == 0
 

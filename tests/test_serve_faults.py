@@ -66,12 +66,21 @@ def test_out_of_range_or_unsupported_parameters_get_400_naming_them(server, para
     assert raised.value.body["param"] == param and raised.value.body["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("prompt", [[1, 2, True], [1.5], {"ids": [1]}, [[1, 2]], None])
+@pytest.mark.parametrize("prompt", [[1, 2, True], [1.5], {"ids": [1]}, [[1, True]], None])
 def test_a_malformed_prompt_gets_400_naming_the_prompt(server, prompt):
     response = post(server, {"prompt": prompt, "max_tokens": 3})
     assert_openai_error(response, 400)
     error = response.json()["error"]
     assert error["param"] == "prompt" and "a list of token ids" in error["message"], error
+
+
+def test_a_prompt_of_one_token_list_in_a_list_is_served(server):
+    """`prompt=[[5, 6, 7]]`, which the openai client's types allow, as `prompt=[5, 6, 7]`; two are refused
+    (one prompt per request)."""
+    got = client(server).completions.create(model="m", prompt=[[5, 6, 7]], max_tokens=3, temperature=0)
+    alone = client(server).completions.create(model="m", prompt=[5, 6, 7], max_tokens=3, temperature=0)
+    assert got.choices[0].text == alone.choices[0].text and got.usage.prompt_tokens == 3
+    assert_openai_error(post(server, {"prompt": [[5, 6], [7]], "max_tokens": 3}), 400, "prompt")
 
 
 def test_a_missing_prompt_gets_400_saying_so(server):
@@ -221,23 +230,25 @@ def test_requests_the_http_parser_refuses_get_openai_error_objects(server, raw):
     assert error["type"] == "invalid_request_error" and "not a request HTTP/1.1 could parse" in error["message"]
 
 
-def asgi_stream(app, send, receive_after_body) -> None:
-    """One streamed completion through the ASGI app directly, with the client's side given: `send` (what
-    the server writes) and `receive_after_body` (what the client does once its body is sent)."""
-    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 8, "stream": True}).encode()
+def asgi_stream(app, send, receive_after_body, stream: bool = True, body: bytes | None = None) -> None:
+    """One completion through the ASGI app directly (within 30 s), with the client's side given: `send`
+    (what the server writes) and `receive_after_body` (what the client does once `body` is sent; a body
+    that stops short of its Content-Length is one the client broke off)."""
+    full = json.dumps({"prompt": [5, 6, 7], "max_tokens": 8, "stream": stream}).encode()
+    body = full if body is None else body
     sent = [False]
 
     async def receive():
         if not sent[0]:
             sent[0] = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": len(body) < len(full)}
         return await receive_after_body()
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
              "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-    asyncio.run(app(scope, receive, send))
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(full)).encode())]}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
 
 
 def outcomes(engine) -> dict:
@@ -260,6 +271,30 @@ def test_a_stream_whose_client_left_before_it_started_frees_its_request(model_di
     asgi_stream(app, send, gone)
     assert [r.id for r in engine.waiting] == list(engine.scheduler.cancelled) and len(engine.waiting) == 1
     assert outcomes(engine) == {("/v1/completions", "disconnected"): 1.0}
+
+
+async def client_leaves():
+    return {"type": "http.disconnect"}
+
+
+async def nowhere(message):  # as uvicorn's once the client is gone: nothing is sent, nothing is raised
+    await asyncio.sleep(0)
+
+
+def test_a_completion_whose_client_left_is_dropped(model_dir):  # noqa: F811
+    """A non-streamed completion whose client gave up while it waited: dropped from the engine and counted
+    as a disconnect (it used to run to its end and count as a 200)."""
+    app, engine = build(model_dir, mode="tidar", max_batch=1, max_model_len=96)  # engine not started: it waits
+    asgi_stream(app, nowhere, client_leaves, stream=False)
+    assert [r.id for r in engine.waiting] == list(engine.scheduler.cancelled) and len(engine.waiting) == 1
+    assert outcomes(engine) == {("/v1/completions", "disconnected"): 1.0}
+
+
+def test_a_client_that_breaks_off_its_body_is_a_disconnect_not_a_server_error(model_dir, capsys):  # noqa: F811
+    app, engine = build(model_dir, mode="tidar", max_batch=1, max_model_len=96)
+    asgi_stream(app, nowhere, client_leaves, body=b'{"prompt": [5, ')
+    assert outcomes(engine) == {("/v1/completions", "disconnected"): 1.0} and not engine.waiting
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_a_stream_that_fails_as_its_client_leaves_counts_once(model_dir, monkeypatch):  # noqa: F811

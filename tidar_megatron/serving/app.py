@@ -2,9 +2,10 @@
 
 FastAPI (on uvicorn) because it is what OpenAI-compatible servers are built on (vLLM's and SGLang's API
 servers).  Bodies are read under a size limit and validated in protocol.py; server-sent events go through
-StreamingResponse, and a streaming client that disconnects cancels its response, which frees the request's
-KV-cache row (a non-streaming request runs to its end).  Every error, the framework's included (404, 405,
-unhandled exceptions), is OpenAI's error object; 5xx are `server_error`.
+StreamingResponse.  A client that disconnects, streaming or not, has its request dropped from the engine,
+which frees its KV-cache row, and counts as "disconnected" in /metrics (also when it broke off its body).
+Every error, the framework's included (404, 405, unhandled exceptions), is OpenAI's error object; 5xx are
+`server_error`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from tidar_megatron.inference.sampling import SamplingConfig
 from tidar_megatron.inference.step import ContextError, check_context
@@ -64,6 +66,13 @@ def chat_final(rid: str, created: int, model: str, text: str, event: Event) -> d
                          "finish_reason": event.finish_reason}], "usage": event.usage}
 
 
+async def client_gone(request: Request):
+    """Returns once the client has closed its connection (its body has been read: the next ASGI message is
+    the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class EngineStream(StreamingResponse):
     """Server-sent events whose `on_close` runs however the response ends: completed, cancelled by a client
     that disconnected, or never started (the generator's own `finally` would not run then)."""
@@ -104,6 +113,12 @@ class Api:
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return error_response(exc.status_code, message)
 
+    async def on_client_gone(self, request: Request, exc: ClientDisconnect):
+        """The client closed the connection while its body was being read (or sent a body h11 could not
+        frame, which uvicorn answers itself): nothing to answer, and not a server error."""
+        self.count(request.url.path, "disconnected")
+        return Response(status_code=499)
+
     async def on_crash(self, request: Request, exc: Exception):
         self.count(request.url.path, 500)
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -119,7 +134,7 @@ class Api:
 
     # --- requests -----------------------------------------------------------------------------------------
     async def prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):  # a batch of prompts
             if len(prompt) != 1:
                 raise ApiError(400, "one prompt per request (n = 1)", "prompt")
             prompt = prompt[0]
@@ -147,8 +162,8 @@ class Api:
 
     async def completions(self, request: Request):
         body = parse(CompletionBody, await read_body(request, self.limits), self.limits)
-        return await self.run("/v1/completions", await self.prompt_ids(body.prompt), body, body.max_tokens,
-                              completion_chunk, completion_final)
+        return await self.run(request, "/v1/completions", await self.prompt_ids(body.prompt), body,
+                              body.max_tokens, completion_chunk, completion_final)
 
     async def chat_completions(self, request: Request):
         body = parse(ChatBody, await read_body(request, self.limits), self.limits)
@@ -156,10 +171,11 @@ class Api:
             raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions, or export the "
                            "checkpoint with --chat-template", "messages")
         prompt = render_chat(self.chat_template, [m.model_dump() for m in body.messages], self.tokenizer)
-        return await self.run("/v1/chat/completions", await self.prompt_ids(prompt), body,
+        return await self.run(request, "/v1/chat/completions", await self.prompt_ids(prompt), body,
                               body.max_completion_tokens or body.max_tokens, chat_chunk, chat_final)
 
-    async def run(self, endpoint: str, prompt_ids: list[int], body, max_tokens, render_chunk, render_final):
+    async def run(self, http: Request, endpoint: str, prompt_ids: list[int], body, max_tokens, render_chunk,
+                  render_final):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         request = self.engine_request(prompt_ids, body, max_tokens,
@@ -173,14 +189,25 @@ class Api:
             state = {"finished": False, "counted": False}
             return EngineStream(self.stream(endpoint, events, rid, created, render_chunk, state),
                                 on_close=lambda: self.closed(endpoint, request, state))
+        # The server does not cancel a handler whose client left: watch for it, and drop the request then.
+        gone = asyncio.ensure_future(client_gone(http))
         text, event = "", None
         try:
             while event is None or event.finish_reason is None:
-                event = await events.get()
+                next_event = asyncio.ensure_future(events.get())
+                await asyncio.wait({next_event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not next_event.done():
+                    next_event.cancel()
+                    self.engine.cancel(request.id)
+                    self.count(endpoint, "disconnected")
+                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+                event = next_event.result()
                 text += event.text
         except asyncio.CancelledError:
             self.engine.cancel(request.id)
             raise
+        finally:
+            gone.cancel()
         if event.finish_reason == "error":
             raise ApiError(500, f"generation failed: {event.usage['error']}")
         self.count(endpoint, 200)
@@ -235,6 +262,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, chat_template: str | 
     app.state.limits = limits
     app.add_exception_handler(ApiError, api.on_api_error)
     app.add_exception_handler(HTTPException, api.on_http_error)
+    app.add_exception_handler(ClientDisconnect, api.on_client_gone)
     app.add_exception_handler(Exception, api.on_crash)
     keyed = [Depends(api.authorize)]
     app.add_api_route("/v1/completions", api.completions, methods=["POST"], dependencies=keyed)

@@ -119,9 +119,9 @@ class Engine:
         active = list(self.scheduler.running.values())
         if active:
             for seq, tokens in self._isolating_faults(self.runner.decode, active):
-                if self.metrics is not None and self.mode == "tidar":
-                    self.metrics.accepted(len(tokens))
-                self._output(seq, tokens)
+                event = self._output(seq, tokens)
+                if self.metrics is not None and self.mode == "tidar" and event is not None:
+                    self.metrics.accepted(len(event.tokens))  # after the stop rule: what the request got
         if self.metrics is not None:
             self.metrics.observe_engine(self)
 
@@ -139,14 +139,15 @@ class Engine:
                 return []
         return [result for seq in seqs for result in self._isolating_faults(run, [seq])]
 
-    def _output(self, seq: Sequence, tokens: list[int]):
+    def _output(self, seq: Sequence, tokens: list[int]) -> Event | None:
+        """The pass's event for the sequence, sent (None when the output processor failed on it)."""
         request = seq.request
         first = seq.output is None
         try:
             event = self.output.process(seq, tokens, self.runner.out_of_room(seq))
         except Exception as e:  # a tokenizer that cannot decode this sequence's tokens, say
             self._fail(seq, e)
-            return
+            return None
         if self.metrics is not None and first:
             self.metrics.first_token(seq.output.first_token_at - request.arrived)
         if event.finish_reason is not None:
@@ -155,6 +156,7 @@ class Engine:
                 self.metrics.finished(event.usage, time.perf_counter() - request.arrived)
         if not self._send(request, event):
             self.scheduler.finish(seq)
+        return event
 
     def _fail(self, seq: Sequence, error: BaseException):
         self.scheduler.finish(seq)

@@ -121,7 +121,7 @@ class _Body(BaseModel):
 
 
 class CompletionBody(_Body):
-    prompt: str | list[StrictInt] | list[str]  # strict: `true` is not token 1
+    prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]  # strict: `true` is not token 1
     echo: bool = False
     suffix: str | None = None
 
