@@ -165,3 +165,19 @@ def test_a_reader_that_stops_early_ends_the_command_quietly():
     proc.stdout.close()  # as head does after its lines
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 141 and b"Traceback" not in err and b"Exception ignored" not in err, err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA device")
+def test_a_device_the_machine_lacks_is_one_line(tmp_path, capsys):
+    """generate / evaluate / serve load through one function, which refuses --device cuda without a GPU (and a
+    device torch does not know) before reading the checkpoint."""
+    from tidar_megatron.testing import tiny_hf_checkpoint
+
+    tiny_hf_checkpoint(tmp_path, tidar_mask_token_id=127, tidar_draft_block_size=4)
+    capsys.readouterr()
+    for device, why in (("cuda", "no CUDA device is available"), ("gpu", "not a device torch knows")):
+        assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "5,6", "--device", device]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--device {device}: {why}" in err[0], err
+        assert main(["serve", "--model", str(tmp_path), "--device", device]) != 0
+        assert f"--device {device}: {why}" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from tidar_megatron.errors import TiDARError
 from tidar_megatron.hf.config import NOT_A_MODEL_DIR, HFCheckpointNotFound, HFConfig, HFConfigError, read_hf_config
 from tidar_megatron.hf.rope import inverse_frequencies
 from tidar_megatron.hf.weights import load_weights
@@ -24,10 +25,21 @@ def model_args(hf: HFConfig) -> ModelArgs:
     return ModelArgs(**{f.name: getattr(hf, f.name) for f in fields(ModelArgs)})
 
 
+def check_device(device) -> None:
+    """A --device this machine cannot run, as one line before anything is loaded (not torch's traceback)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise TiDARError(f"--device {device}: not a device torch knows (cpu, cuda, cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise TiDARError(f"--device {device}: no CUDA device is available on this machine; use --device cpu")
+
+
 def load_hf_model(model_dir: str | Path, dtype=torch.float32, device="cpu") -> tuple[Transformer, HFConfig]:
     """The decoder with the checkpoint's weights, and the config it was read with (tidar_* fields, EOS ids,
     chat template, context length)."""
     model_dir = Path(model_dir)
+    check_device(device)
     if not model_dir.is_dir():
         raise HFCheckpointNotFound(f"{model_dir}: not found; {NOT_A_MODEL_DIR}")
     weights = load_weights(model_dir)
