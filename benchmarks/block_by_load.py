@@ -5,8 +5,8 @@
     python benchmarks/block_by_load.py --model <hf dir> --device cuda --batches 1 4 16 64 256
 
 For each batch n and block b (1 = AR passes), n sequences are prefilled from the prompts and decoded greedily
-until they made --new-tokens each on average (rounds of that for --seconds) through `Decoder.prefill` /
-`Decoder.step`, the passes the server runs, each sequence at its own prefix in a KV-cache row of its own.
+until they made --new-tokens each on average (rounds of that for --seconds) through `Decoder.stream`, whose
+passes (`Decoder.prefill` / `Decoder.step`) the server runs too.
 Prints tokens/s and tokens per pass per cell, then per batch the fastest TiDAR block and its query rows
 n x (b + b^2): `auto:ROWS` should let the fastest block through at each batch (ROWS at least those rows,
 below the next block's).  No HTTP: the server adds a fixed
@@ -24,34 +24,26 @@ import torch
 
 from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.generate import DTYPES, resolve_dtype
-from tidar_megatron.inference.sampling import RowSampling, SamplingConfig
 from tidar_megatron.serving.block_policy import pass_rows
 
 
 def rate(decoder: Decoder, prompts: list[list[int]], n: int, block: int, new_tokens: int, seconds: float):
-    """(tokens/s, tokens per sequence per pass) of greedy passes over n sequences at `block`: rounds of a
-    prefill (not timed) and passes until the sequences made `new_tokens` each on average, for `seconds`."""
-    mode = "ar" if block == 1 else "tidar"
+    """(tokens/s, tokens per sequence per pass) of greedy `Decoder.stream` passes over n sequences at `block`:
+    rounds of a prefill (not timed) and passes until the sequences made `new_tokens` each on average (none
+    more than 4x that), for `seconds`."""
     batch = [prompts[i % len(prompts)] for i in range(n)]
-    sampling = RowSampling.of([SamplingConfig()] * n, [0] * n, decoder.device)
-    rows = list(range(n))
     tokens, passes, elapsed = 0, 0, 0.0
-    with torch.inference_mode():
-        while elapsed < seconds:
-            result = decoder.prefill(batch, mode, block, sampling, 1.0, cache_rows=rows)
-            pending, prefix = result.pending, [len(p) for p in batch]
-            counters = torch.zeros(n, dtype=torch.long, device=decoder.device)
-            made, start = 0, time.perf_counter()
-            room = decoder.model.model.layers[0].self_attn.kv_cache.k.shape[1] - pass_rows(max(block, 2))
-            while made < n * new_tokens and max(prefix) <= room:  # a fast row stops the round at its cache's end
-                counters = counters + 1
-                result = decoder.step(pending, prefix, mode, block, sampling, counters, None, 1.0, cache_rows=rows,
-                                      compiled=False)
-                accepted = [row[0] for row in result.packed.tolist()]  # the one host transfer of the pass
-                prefix = [m + a for m, a in zip(prefix, accepted)]
-                pending, made, passes = result.pending, made + sum(accepted), passes + 1
-            elapsed += time.perf_counter() - start
-            tokens += made
+    while elapsed < seconds:
+        steps = decoder.stream(batch, 4 * new_tokens, "ar" if block == 1 else "tidar", block_size=max(block, 2))
+        next(steps)  # the prefill
+        made, start = 0, time.perf_counter()
+        for step in steps:
+            made, passes = made + sum(map(len, step.new_tokens)), passes + 1
+            if made >= n * new_tokens:
+                break
+        elapsed += time.perf_counter() - start
+        steps.close()
+        tokens += made
     return tokens / elapsed, tokens / passes / n
 
 
@@ -81,7 +73,7 @@ def main(argv=None) -> int:
         prompts = torch.randint(3, decoder.model.args.vocab_size - 1, (64, 16), generator=generator).tolist()
     full = decoder.block_size
     blocks = sorted(set(args.blocks or [1, 2, 3, 4, 6, full]))
-    decoder.model.setup_kv_cache(max(args.batches), max(map(len, prompts)) + 4 * args.new_tokens + pass_rows(full))
+    decoder.eos_token_ids = ()  # every pass's tokens count, as in a benchmark of passes (no early finish)
     print(f"{model_dir} on {args.device}, {args.threads} CPU thread(s); tokens/s (tokens per pass), block 1 = AR")
     print("batch " + "".join(f"{'block ' + str(b):>18}" for b in blocks) + "   fastest TiDAR block: rows")
     for n in args.batches:

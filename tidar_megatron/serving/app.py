@@ -73,6 +73,15 @@ async def client_gone(request: Request):
         pass
 
 
+async def collect(events: asyncio.Queue) -> tuple[str, Event]:
+    """A non-streamed request's whole text and its last event."""
+    text, event = "", None
+    while event is None or event.finish_reason is None:
+        event = await events.get()
+        text += event.text
+    return text, event
+
+
 class EngineStream(StreamingResponse):
     """Server-sent events whose `on_close` runs however the response ends: completed, cancelled by a client
     that disconnected, or never started (the generator's own `finally` would not run then)."""
@@ -190,24 +199,18 @@ class Api:
             return EngineStream(self.stream(endpoint, events, rid, created, render_chunk, state),
                                 on_close=lambda: self.closed(endpoint, request, state))
         # The server does not cancel a handler whose client left: watch for it, and drop the request then.
-        gone = asyncio.ensure_future(client_gone(http))
-        text, event = "", None
+        collected, gone = asyncio.ensure_future(collect(events)), asyncio.ensure_future(client_gone(http))
         try:
-            while event is None or event.finish_reason is None:
-                next_event = asyncio.ensure_future(events.get())
-                await asyncio.wait({next_event, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not next_event.done():
-                    next_event.cancel()
-                    self.engine.cancel(request.id)
-                    self.count(endpoint, "disconnected")
-                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
-                event = next_event.result()
-                text += event.text
-        except asyncio.CancelledError:
-            self.engine.cancel(request.id)
-            raise
-        finally:
+            done, _ = await asyncio.wait({collected, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this handler is cancelled
             gone.cancel()
+            if not collected.done():
+                collected.cancel()
+                self.engine.cancel(request.id)
+        if collected not in done:
+            self.count(endpoint, "disconnected")
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+        text, event = collected.result()
         if event.finish_reason == "error":
             raise ApiError(500, f"generation failed: {event.usage['error']}")
         self.count(endpoint, 200)

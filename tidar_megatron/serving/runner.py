@@ -26,7 +26,7 @@ from tidar_megatron.inference.decoding import Decoder
 from tidar_megatron.inference.sampling import RowSampling, one_hot_distributions
 from tidar_megatron.inference.step import new_tokens
 from tidar_megatron.layout import TiDARLayout
-from tidar_megatron.serving.block_policy import BlockPolicy
+from tidar_megatron.serving.block_policy import BlockPolicy, pass_rows
 from tidar_megatron.serving.scheduler import Sequence
 
 
@@ -45,7 +45,7 @@ class Runner:
         self.on_forward = on_forward
         self._rows: dict[tuple, RowSampling] = {}  # the RowSampling of the last passes' batches
         # The cache slots one decoding pass writes from a sequence's prefix on (scratch until verified).
-        self.pass_len = (TiDARLayout.for_decoding(0, self.block) if mode == "tidar" else TiDARLayout.causal(1)).seq_len
+        self.pass_len = pass_rows(self.block) if mode == "tidar" else TiDARLayout.causal(1).seq_len
         self.capacity = max_model_len + self.pass_len  # cache slots per row
         decoder.model.setup_kv_cache(max_batch, self.capacity)
         self.prefill_tokens = max(self.capacity, 8192)  # padded tokens of one prefill forward (one prompt fits)
